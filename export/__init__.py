@@ -1,0 +1,1 @@
+"""Export SmolVLM checkpoints to ONNX graphs that are checked against PyTorch."""

@@ -1,0 +1,1 @@
+"""Quantized builds of an exported bundle (see the quantize issue)."""

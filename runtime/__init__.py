@@ -1,0 +1,1 @@
+"""Lean onnxruntime runtime for exported SmolVLM bundles: no torch, no transformers."""

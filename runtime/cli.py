@@ -1,0 +1,5 @@
+"""The `smolvlm-edge` command line."""
+import sys
+def main(argv=None):
+    print("stub")
+    return 0
