@@ -1,5 +1,157 @@
-"""The `smolvlm-edge` command line."""
+"""The `smolvlm-edge` command line: export, run, demo, providers.
+
+Heavy imports (torch, transformers) happen only inside the subcommands that need them, so `run`
+works on a runtime-only install.
+"""
+from __future__ import annotations
+
+import argparse
+import json
 import sys
-def main(argv=None):
-    print("stub")
-    return 0
+
+from .errors import SmolVLMEdgeError
+from .providers import PROVIDERS
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (defaults come from the bundle's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int, help="most tokens to generate")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    mode.add_argument("--sample", action="store_true", help="sample from the distribution")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="execution provider (default cpu)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--precision", default="fp32", help="graph precision to load, e.g. fp32 (default)")
+    p.add_argument("--no-split", action="store_true", help="do not split images into tiles (global image only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smolvlm-edge",
+        description="Export SmolVLM checkpoints to ONNX, check them against PyTorch, and run them with onnxruntime.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ex = sub.add_parser("export", help="export a checkpoint to a bundle of ONNX graphs (needs the [export] extra)",
+                        description="Export an Idefics3/SmolVLM checkpoint to vision_encoder, embed_tokens and "
+                                    "decoder_model_merged ONNX graphs, verified against PyTorch.")
+    ex.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    ex.add_argument("--output", required=True, help="bundle folder to create")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    ex.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch (not recommended)")
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+
+    run = sub.add_parser("run", help="answer a prompt about images with an exported bundle",
+                         description="Run an exported bundle: images and a prompt in, text out.")
+    run.add_argument("--model-dir", required=True, help="exported bundle folder")
+    run.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    run.add_argument("--prompt", required=True, help="question or instruction (put <image> to place images yourself)")
+    run.add_argument("--stream", action="store_true", help="print text as it is generated")
+    run.add_argument("--json", action="store_true", help="print one JSON object: text, prompt_ids, token_ids, timings")
+    _add_runtime_flags(run)
+    _add_generation_flags(run)
+
+    demo = sub.add_parser("demo", help="the whole path offline: build or take a checkpoint, export, answer",
+                          description="Without --model: build the offline demo checkpoint (SmolVLM-256M shape, the real "
+                                      "SmolLM2-135M language model, a RANDOM vision tower), export it, and answer a "
+                                      "question about a sample image. With --model: the same for that checkpoint.")
+    demo.add_argument("--model", help="checkpoint folder or hub id (default: the offline demo checkpoint)")
+    demo.add_argument("--output", default="out/demo-bundle", help="bundle folder (default out/demo-bundle)")
+    demo.add_argument("--image", action="append", default=[], help="image file (default: a generated sample image)")
+    demo.add_argument("--prompt", default="What is in this image?", help="question to ask")
+    demo.add_argument("--reexport", action="store_true", help="export again even if the bundle exists")
+    demo.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    demo.set_defaults(stream=True)
+    _add_runtime_flags(demo)
+    _add_generation_flags(demo)
+
+    sub.add_parser("providers", help="list the execution providers this onnxruntime build offers")
+    return parser
+
+
+def generation_overrides(args: argparse.Namespace) -> dict:
+    """Only the settings the user gave: the rest keep the bundle's defaults."""
+    overrides = {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+    }
+    if args.greedy or args.sample:
+        overrides["do_sample"] = bool(args.sample)
+    return overrides
+
+
+def answer(model_dir, images, prompt, args, out=sys.stdout) -> dict:
+    """Load a bundle, answer, and print text (streamed or not) or JSON. Returns the result dict."""
+    from .pipeline import SmolVLM
+
+    vlm = SmolVLM(model_dir, provider=args.provider, threads=args.threads, precision=args.precision)
+    split = False if args.no_split else None
+    kwargs = dict(do_image_splitting=split, **generation_overrides(args))
+    if args.stream and not args.json:
+        for piece in vlm.stream(prompt, images, **kwargs):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        result = vlm.last[0]
+    else:
+        result = vlm.generate(prompt, images, **kwargs)
+        if args.json:
+            out.write(json.dumps(result.as_dict()) + "\n")
+        else:
+            out.write(result.text + "\n")
+    return result.as_dict()
+
+
+def print_timings(timings: dict, out=sys.stderr) -> None:
+    shown = ("vision_ms", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "prompt_tokens", "new_tokens")
+    out.write("timings: " + ", ".join(f"{k}={timings.get(k)}" for k in shown) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "providers":
+            from .providers import available_providers
+            print("\n".join(available_providers()))
+        elif args.command == "run":
+            result = answer(args.model_dir, args.image, args.prompt, args)
+            if not args.json:
+                print_timings(result["timings"])
+        elif args.command == "export":
+            _require_export_extra()
+            from smolvlm_edge.export.api import export_checkpoint
+            export_checkpoint(args.model, args.output, overwrite=args.overwrite,
+                              verify=not args.no_verify, opset=args.opset)
+        elif args.command == "demo":
+            _require_export_extra()
+            from smolvlm_edge.export.demo import run_demo
+            run_demo(args)
+        return 0
+    except SmolVLMEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _require_export_extra() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise SmolVLMEdgeError(
+            f"this command needs the export extra ({exc.name} is not installed): pip install 'smolvlm-edge[export]'"
+        ) from exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,3 +23,7 @@ class ProviderError(SmolVLMEdgeError):
 
 class ExportError(SmolVLMEdgeError):
     """A checkpoint cannot be exported, or its graphs disagree with PyTorch."""
+
+
+class SettingsError(SmolVLMEdgeError, ValueError):
+    """A generation or command setting is out of range."""

@@ -1,0 +1,89 @@
+"""An exported bundle on disk: its manifest, its graphs, and a check that its files are intact."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BundleError
+
+GRAPH_NAMES = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle folder and its parsed manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def text(self) -> dict:
+        return self.manifest["text"]
+
+    @property
+    def vision(self) -> dict:
+        return self.manifest["vision"]
+
+    def precisions(self, graph: str) -> list[str]:
+        return sorted(self.manifest["graphs"].get(graph, {}))
+
+    def graph_file(self, graph: str, precision: str = "fp32") -> Path:
+        """Path of one graph at one precision, or a BundleError listing what the bundle has."""
+        entries = self.manifest["graphs"].get(graph)
+        if not entries:
+            raise BundleError(f"bundle {self.path} has no {graph} graph in {MANIFEST}")
+        if precision not in entries:
+            raise BundleError(
+                f"bundle {self.path} has no {precision!r} build of {graph}; it has: {', '.join(sorted(entries))}"
+            )
+        return self.path / entries[precision]["file"]
+
+
+def open_bundle(path: str | Path, check_files: bool = True) -> Bundle:
+    """Read a bundle's manifest and, unless told not to, check every file's size and sha256."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle folder not found: {path}")
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise BundleError(f"{path} has no {MANIFEST}: not an exported bundle (run `smolvlm-edge export` first)")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest_file} is not valid JSON: {exc}") from exc
+    for key in ("graphs", "text", "vision", "files"):
+        if key not in manifest:
+            raise BundleError(f"{manifest_file} lacks the {key!r} section; re-export the bundle")
+    bundle = Bundle(path, manifest)
+    if check_files:
+        verify_files(bundle)
+    return bundle
+
+
+def verify_files(bundle: Bundle) -> None:
+    """Every file the manifest lists exists with the recorded size and sha256."""
+    for rel, entry in bundle.manifest["files"].items():
+        file = bundle.path / rel
+        if not file.is_file():
+            raise BundleError(f"bundle {bundle.path} is missing {rel} (listed in {MANIFEST})")
+        size = file.stat().st_size
+        if "size" in entry and size != entry["size"]:
+            raise BundleError(
+                f"{file} is {size} bytes but {MANIFEST} says {entry['size']}: truncated or replaced"
+            )
+        digest = sha256_file(file)
+        if digest != entry["sha256"]:
+            raise BundleError(
+                f"{file} has sha256 {digest[:16]}… but {MANIFEST} says {entry['sha256'][:16]}…: the file was changed"
+            )

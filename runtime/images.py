@@ -1,0 +1,337 @@
+"""Image loading and SmolVLM (Idefics3) preprocessing in numpy + Pillow, matching transformers 5.24 bit for bit.
+
+The reference is transformers' `load_image` followed by `Idefics3ImageProcessorPil` (what
+`Idefics3ImageProcessor` resolves to without torchvision). Every resize goes through Pillow on
+uint8 RGB images, as the reference does, so equal inputs give equal pixels, not merely close ones.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import BundleError, ImageError
+
+# Refuse to decode images with more pixels than this (PIL's own default guard). Raise it on purpose
+# if you really need larger inputs; every image is shrunk to `ImageConfig.longest_edge` anyway.
+MAX_IMAGE_PIXELS = 89_478_485
+
+# transformers' Idefics3 MAX_IMAGE_SIZE: no resized side may exceed this ("4k as absolute maximum").
+_MAX_RESIZED_SIDE = 4096
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_image(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
+    """Decode `source` (a path, encoded bytes or a PIL image) into an upright RGB PIL image.
+
+    Same steps as `transformers.image_utils.load_image`: EXIF orientation applied, then a plain
+    `convert("RGB")`. Transparency is not composited here: transformers composites on white later,
+    in the processor, and only where the RGB image still carries `info["transparency"]` (P images
+    converted to RGB keep it). `ImageProcessor` repeats that step, so both routes match the reference.
+    """
+    if isinstance(source, Image.Image):
+        label = f"<PIL image {source.mode} {source.width}x{source.height}>"
+        return _decode(source, label)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = f"<{len(data)} bytes>"
+        return _decode_opened(lambda: Image.open(io.BytesIO(data)), label)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageError(f"image file not found: {path}")
+        if path.is_dir():
+            raise ImageError(f"image path is a directory, not a file: {path}")
+        return _decode_opened(lambda: Image.open(path), str(path))
+    raise ImageError(f"cannot load an image from a {type(source).__name__}: pass a path, bytes or a PIL image")
+
+
+def _decode_opened(open_image, label: str) -> Image.Image:
+    """Open lazily (header only), check the size, then decode; any decoder failure becomes ImageError."""
+    # PIL only warns between 1x and 2x its own limit; make that warning an error here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = open_image()
+        except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error...)
+            raise _decode_error(exc, label) from exc
+        with image:
+            return _decode(image, label)
+
+
+def _decode(image: Image.Image, label: str) -> Image.Image:
+    """Size checks, full decode now (so a truncated file fails here), EXIF orientation, RGB."""
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ImageError(f"image has zero size ({width}x{height}): {label}")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"image too large to decode safely ({width}x{height} > {MAX_IMAGE_PIXELS} pixels): {label}; "
+            "raise smolvlm_edge.runtime.images.MAX_IMAGE_PIXELS if you trust it"
+        )
+    try:
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as exc:  # see _decode_opened: never let a raw Pillow error escape
+        raise _decode_error(exc, label) from exc
+
+
+def _decode_error(exc: Exception, label: str) -> ImageError:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageError(f"image too large to decode safely: {label} ({_one_line(exc)})")
+    if isinstance(exc, PermissionError):
+        return ImageError(f"cannot read image file (permission denied): {label}")
+    return ImageError(f"cannot decode image (corrupt, truncated or unsupported): {label} ({_one_line(exc)})")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """transformers' `convert_to_rgb`: anything with alpha or a transparency key is composited on white."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Image-processor settings, read from the checkpoint (JSON key in brackets)."""
+
+    longest_edge: int = 4 * 364  # [size]["longest_edge"]: first resize, longest side
+    tile_size: int = 364  # [max_image_size]["longest_edge"]: vision-encoder frame side
+    do_image_splitting: bool = True
+    do_resize: bool = True
+    resample: int = 1  # a PIL.Image.Resampling value; 1 = LANCZOS
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    do_convert_rgb: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "ImageConfig":
+        """Build from an image-processor JSON dict; `source` names the file in error messages."""
+        if d.get("do_pad", True) is False:
+            raise BundleError(f"do_pad=false is not supported (frames must be padded into one batch): {source}")
+        kwargs = {}
+        for json_key, field in (("size", "longest_edge"), ("max_image_size", "tile_size")):
+            if json_key in d:
+                value = d[json_key]
+                if not isinstance(value, dict) or "longest_edge" not in value:
+                    raise BundleError(f'{json_key} must be {{"longest_edge": N}}, got {value!r}: {source}')
+                kwargs[field] = int(value["longest_edge"])
+        for key in ("do_image_splitting", "do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if key in d:
+                kwargs[key] = bool(d[key])
+        if "resample" in d:
+            kwargs["resample"] = int(d["resample"])
+        if "rescale_factor" in d:
+            kwargs["rescale_factor"] = float(d["rescale_factor"])
+        for key in ("image_mean", "image_std"):
+            if key in d:
+                value = d[key]
+                kwargs[key] = tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+                if len(kwargs[key]) != 3:
+                    raise BundleError(f"{key} must have 3 values (RGB), got {value!r}: {source}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "ImageConfig":
+        """Read a checkpoint or bundle folder, with transformers' priority: the nested
+        `processor_config.json["image_processor"]` (transformers 5) first, then the flat
+        `preprocessor_config.json` (what SmolVLM checkpoints ship)."""
+        folder = Path(path)
+        nested = folder / "processor_config.json"
+        if nested.is_file():
+            processor = _read_json(nested)
+            if isinstance(processor.get("image_processor"), dict):
+                return cls.from_dict(processor["image_processor"], str(nested))
+        flat = folder / "preprocessor_config.json"
+        if flat.is_file():
+            return cls.from_dict(_read_json(flat), str(flat))
+        raise BundleError(
+            f"no image-processor settings in {folder}: expected {flat.name} or {nested.name} with an "
+            '"image_processor" entry (re-export the bundle, or copy them from the checkpoint)'
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {path}: {_one_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"expected a JSON object in {path}, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------- geometry (transformers' rounding rules)
+
+
+def fit_longest_edge(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """Longest side to `longest_edge`, aspect kept, short side truncated then rounded up to even,
+    then capped at 4096 per side (`get_resize_output_image_size` in the reference)."""
+    aspect = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest_edge
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    # The cap recomputes the short side from the (already rounded) sizes, as the reference does.
+    aspect = width / height
+    if width >= height and width > _MAX_RESIZED_SIDE:
+        width, height = _MAX_RESIZED_SIDE, int(_MAX_RESIZED_SIDE / aspect)
+    elif height > width and height > _MAX_RESIZED_SIDE:
+        height, width = _MAX_RESIZED_SIDE, int(_MAX_RESIZED_SIDE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def tile_multiple(height: int, width: int, tile: int) -> tuple[int, int]:
+    """`resize_for_vision_encoder`: both sides up to a multiple of `tile`. The short side is derived
+    from the rounded-up long side, so its multiple can differ from ceil(short / tile)."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return height, width
+
+
+# ---------------------------------------------------------------- processing
+
+
+@dataclass
+class ProcessedImages:
+    """What the vision encoder takes, plus the tile grid the prompt builder needs for image tokens."""
+
+    pixel_values: np.ndarray  # float32 [batch, max_frames, 3, H, W]; padding frames are all zero
+    pixel_attention_mask: np.ndarray  # bool [batch, max_frames, H, W]; True on real pixels
+    rows: list[list[int]]  # per prompt, per image: tile rows (0 when the image was not split)
+    cols: list[list[int]]
+
+
+class ImageProcessor:
+    """`Idefics3ImageProcessorPil.preprocess` without torch or transformers."""
+
+    def __init__(self, config: ImageConfig):
+        self.config = config
+        self._resample = Image.Resampling(config.resample)
+        # The reference normalizes float32 pixels with float32 mean/std arrays.
+        self._mean = np.asarray(config.image_mean, dtype=np.float32)
+        self._std = np.asarray(config.image_std, dtype=np.float32)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "ImageProcessor":
+        return cls(ImageConfig.from_dir(path))
+
+    def __call__(
+        self, images: list[list[Image.Image]], do_image_splitting: bool | None = None
+    ) -> ProcessedImages:
+        """Process one list of images per prompt; prompts with fewer frames get all-zero frames."""
+        split = self.config.do_image_splitting if do_image_splitting is None else do_image_splitting
+        frames: list[list[np.ndarray]] = []  # per prompt: float32 [3, h, w] frames
+        rows: list[list[int]] = []
+        cols: list[list[int]] = []
+        for prompt_images in images:
+            prompt_frames, prompt_rows, prompt_cols = [], [], []
+            for image in prompt_images:
+                tiles, n_rows, n_cols = self._frames(image, split)
+                prompt_frames.extend(self._normalize(tile) for tile in tiles)
+                prompt_rows.append(n_rows)
+                prompt_cols.append(n_cols)
+            frames.append(prompt_frames)
+            rows.append(prompt_rows)
+            cols.append(prompt_cols)
+        pixel_values, mask = self._pad(frames)
+        return ProcessedImages(pixel_values, mask, rows, cols)
+
+    def _frames(self, image: Image.Image, split: bool) -> tuple[list[Image.Image], int, int]:
+        """Resized RGB frames of one image: row-major tiles then the global image, or one frame."""
+        image = self._rgb(image)
+        tile = self.config.tile_size
+        if self.config.do_resize:
+            image = self._resize(image, *fit_longest_edge(image.height, image.width, self.config.longest_edge))
+        if not split:
+            # The reference squashes the whole image to a square frame (aspect not kept).
+            return [self._resize(image, tile, tile)], 0, 0
+        image = self._resize(image, *tile_multiple(image.height, image.width, tile))
+        if image.height <= tile and image.width <= tile:
+            return [image], 0, 0
+        n_rows = (image.height - tile) // tile + 1
+        n_cols = (image.width - tile) // tile + 1
+        tiles = [
+            image.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(n_rows) for c in range(n_cols)
+        ]
+        # The global view is a square resize of the tile-aligned image, not of the original.
+        tiles.append(self._resize(image, tile, tile))
+        return tiles, n_rows, n_cols
+
+    def _rgb(self, image: Image.Image) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            raise ImageError(f"expected a PIL image, got a {type(image).__name__}: decode it with load_image() first")
+        if image.width == 0 or image.height == 0:
+            raise ImageError(f"image has zero size ({image.width}x{image.height}): <PIL image {image.mode}>")
+        if self.config.do_convert_rgb:
+            return to_rgb(image)
+        if image.mode != "RGB":
+            raise ImageError(f"image mode is {image.mode}, not RGB, and do_convert_rgb is false in the config")
+        return image
+
+    def _resize(self, image: Image.Image, height: int, width: int) -> Image.Image:
+        # Pillow on uint8 RGB, like the reference's numpy -> PIL -> numpy round trip (lossless for uint8).
+        return image.resize((width, height), resample=self._resample)
+
+    def _normalize(self, image: Image.Image) -> np.ndarray:
+        """uint8 HWC -> float32 CHW with the reference's dtypes: rescale in float64 then cast to float32,
+        normalize in float32. Elementwise, so doing it before the transpose changes nothing."""
+        pixels = np.asarray(image)  # [h, w, 3] uint8
+        if self.config.do_rescale:
+            pixels = (pixels.astype(np.float64) * self.config.rescale_factor).astype(np.float32)
+        if self.config.do_normalize:
+            pixels = (pixels.astype(np.float32) - self._mean) / self._std
+        return np.ascontiguousarray(pixels.astype(np.float32).transpose(2, 0, 1))
+
+    def _pad(self, frames: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Zero-pad frames bottom/right to the batch's largest frame and the frame count to the
+        largest prompt's, marking real pixels in the mask."""
+        batch = len(frames)
+        max_frames = max((len(f) for f in frames), default=0)
+        sizes = [frame.shape[1:] for prompt in frames for frame in prompt]
+        if sizes:
+            height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        else:
+            # No image anywhere (the reference refuses this); empty arrays keep the frame shape.
+            height = width = self.config.tile_size
+        pixel_values = np.zeros((batch, max_frames, 3, height, width), dtype=np.float32)
+        mask = np.zeros((batch, max_frames, height, width), dtype=bool)
+        for b, prompt in enumerate(frames):
+            for f, frame in enumerate(prompt):
+                h, w = frame.shape[1:]
+                pixel_values[b, f, :, :h, :w] = frame
+                mask[b, f, :h, :w] = True
+        return pixel_values, mask

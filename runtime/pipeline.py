@@ -1,0 +1,189 @@
+"""`SmolVLM`: load a bundle and answer prompts about images, with streaming and timings."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+from .bundle import open_bundle
+from .errors import PromptError
+from .generate import Decoder, Timings, generate_tokens
+from .images import ImageProcessor, load_image
+from .prompt import TextProcessor
+from .providers import make_session, resolve_provider
+from .sampling import GenerationSettings
+
+# A prompt is plain text (one user turn, images first) or a whole chat as a list of messages.
+Prompt = Union[str, list]
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's answer: its text, the ids fed and generated, and how long it took."""
+
+    text: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    timings: dict
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "prompt_ids": self.prompt_ids, "token_ids": self.token_ids, "timings": self.timings}
+
+
+@dataclass
+class PreparedInputs:
+    input_ids: np.ndarray            # [B, T] int64, left-padded
+    attention_mask: np.ndarray       # [B, T] int64
+    prompt_ids: list[list[int]]      # per row, without padding
+    pixel_values: np.ndarray | None  # [B, frames, 3, H, W]
+    pixel_attention_mask: np.ndarray | None
+
+
+class SmolVLM:
+    """An exported SmolVLM bundle, ready to generate on one execution provider."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        precision: str | dict[str, str] = "fp32",
+        check_files: bool = True,
+    ):
+        self.bundle = open_bundle(model_dir, check_files=check_files)
+        self.providers = resolve_provider(provider)
+        precisions = precision if isinstance(precision, dict) else {}
+        default = precision if isinstance(precision, str) else "fp32"
+
+        def session(name: str):
+            path = self.bundle.graph_file(name, precisions.get(name, default))
+            return make_session(path, self.providers, threads)
+
+        self.vision = session("vision_encoder")
+        self.embed_session = session("embed_tokens")
+        self.decoder = Decoder(session("decoder_model_merged"), self.bundle.text)
+        self.text = TextProcessor.from_dir(self.bundle.path)
+        self.images = ImageProcessor.from_dir(self.bundle.path)
+        self.defaults = GenerationSettings.from_dir(self.bundle.path)
+        self.max_positions = int(self.bundle.text["max_position_embeddings"])
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.embed_session.run(["inputs_embeds"], {"input_ids": ids.astype(np.int64)})[0]
+
+    def prepare(self, prompts: Sequence[Prompt], images: Sequence[Sequence], do_image_splitting: bool | None = None) -> PreparedInputs:
+        """Chat template, image tiles and token expansion, tokenization, and left padding of a batch."""
+        if len(prompts) != len(images):
+            raise PromptError(f"got {len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
+        loaded = [[load_image(img) for img in row] for row in images]
+        processed = self.images(loaded, do_image_splitting=do_image_splitting) if any(loaded) else None
+        rows_ids = []
+        for i, (prompt, row_images) in enumerate(zip(prompts, loaded)):
+            text = self._render(prompt, len(row_images))
+            rows = processed.rows[i] if processed else []
+            cols = processed.cols[i] if processed else []
+            rows_ids.append(self.text.encode(self.text.expand_image_tokens(text, rows, cols)))
+        width = max(len(r) for r in rows_ids)
+        input_ids = np.full((len(rows_ids), width), self.text.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows_ids), width), dtype=np.int64)
+        for i, ids in enumerate(rows_ids):
+            input_ids[i, width - len(ids):] = ids  # left padding: every row ends at the last column
+            attention_mask[i, width - len(ids):] = 1
+        return PreparedInputs(
+            input_ids, attention_mask, rows_ids,
+            processed.pixel_values if processed else None,
+            processed.pixel_attention_mask if processed else None,
+        )
+
+    def _render(self, prompt: Prompt, num_images: int) -> str:
+        if isinstance(prompt, str):
+            if not prompt.strip() and num_images == 0:
+                raise PromptError("the prompt is empty and there is no image: nothing to answer")
+            # Markers the user placed say where the images go; otherwise images come first.
+            placed = prompt.count("<image>")
+            return self.text.render(self.text.messages_for(prompt, 0 if placed else num_images))
+        return self.text.render(prompt)
+
+    def prompt_embeddings(self, inputs: PreparedInputs, timings: Timings) -> np.ndarray:
+        """Token embeddings with image features written over the `<image>` positions. [B, T, D]"""
+        embeds = self.embed(inputs.input_ids)
+        slots = inputs.input_ids == self.text.image_token_id
+        if inputs.pixel_values is None:
+            if slots.any():
+                raise PromptError(f"the prompt has {int(slots.sum())} image tokens but no image was given")
+            return embeds
+        t0 = time.perf_counter()
+        features = self.vision.run(["image_features"], {
+            "pixel_values": inputs.pixel_values.astype(np.float32),
+            "pixel_attention_mask": inputs.pixel_attention_mask.astype(bool),
+        })[0]                                                                 # [frames, tokens, D]
+        timings.vision_ms = 1000 * (time.perf_counter() - t0)
+        flat = features.reshape(-1, features.shape[-1])
+        if flat.shape[0] != int(slots.sum()):
+            raise PromptError(f"image features ({flat.shape[0]} rows) and image tokens ({int(slots.sum())}) do not match")
+        embeds[slots] = flat  # row-major, as masked_scatter does
+        return embeds
+
+    # ---- generation -------------------------------------------------------------------------
+    def stream_batch(
+        self,
+        prompts: Sequence[Prompt],
+        images: Sequence[Sequence] | None = None,
+        do_image_splitting: bool | None = None,
+        **settings,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The raw step iterator: yields (next ids [B], rows still running [B]); results via `self.last`."""
+        started = time.perf_counter()
+        gen = self.defaults.updated(**settings)
+        timings = Timings()
+        inputs = self.prepare(prompts, images or [[] for _ in prompts], do_image_splitting)
+        timings.prompt_tokens = int(inputs.input_ids.shape[1])
+        self._check_context(inputs, gen.max_new_tokens)
+        embeds = self.prompt_embeddings(inputs, timings)
+        timings.preprocess_ms = 1000 * (time.perf_counter() - started) - timings.vision_ms
+        generated = [[] for _ in prompts]
+        for next_ids, running in generate_tokens(
+            self.decoder, self.embed, embeds, inputs.attention_mask, inputs.input_ids,
+            gen, self.text.stop_token_ids, self.text.pad_token_id, timings, started,
+        ):
+            for row, (tok, live) in enumerate(zip(next_ids.tolist(), running.tolist())):
+                if live:
+                    generated[row].append(tok)
+            yield next_ids, running
+        self.last = [
+            GenerationResult(self.text.decode(ids), prompt, ids, timings.as_dict())
+            for ids, prompt in zip(generated, inputs.prompt_ids)
+        ]
+
+    def _check_context(self, inputs: PreparedInputs, max_new_tokens: int) -> None:
+        needed = inputs.input_ids.shape[1] + max_new_tokens
+        if needed > self.max_positions:
+            raise PromptError(
+                f"prompt of {inputs.input_ids.shape[1]} tokens plus max_new_tokens={max_new_tokens} "
+                f"needs {needed} positions but the model's context is {self.max_positions}"
+            )
+
+    def generate_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence] | None = None, **kwargs) -> list[GenerationResult]:
+        """Answer several prompts at once (left-padded into one batch)."""
+        for _ in self.stream_batch(prompts, images, **kwargs):
+            pass
+        return self.last
+
+    def generate(self, prompt: Prompt, images: Sequence = (), **kwargs) -> GenerationResult:
+        """Answer one prompt about zero or more images (paths, bytes or PIL images)."""
+        return self.generate_batch([prompt], [list(images)], **kwargs)[0]
+
+    def stream(self, prompt: Prompt, images: Sequence = (), **kwargs) -> Iterator[str]:
+        """Yield the answer's text as it is generated; `self.last[0]` holds the full result after."""
+        decoder = self.text.stream()
+        for next_ids, running in self.stream_batch([prompt], [list(images)], **kwargs):
+            if running[0]:
+                piece = decoder.push(int(next_ids[0]))
+                if piece:
+                    yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
