@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random checkpoints of each SmolVLM shape and their exported bundles, built once."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# (vision shape, model_type): SigLIP-B/16 512 px shuffle 4 (256M/500M) and SO400M/14 384 px shuffle 3 (2.2B).
+CHECKPOINT_KINDS = {"256m": ("256m", "idefics3"), "2b": ("2b", "smolvlm")}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs the real SmolLM2 weights or minutes of CPU; run with -m slow")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Lazily built tiny checkpoints, keyed like CHECKPOINT_KINDS."""
+    from smolvlm_edge.export.tiny import make_tiny_checkpoint
+
+    built = {}
+
+    def get(kind: str):
+        if kind not in built:
+            shape, model_type = CHECKPOINT_KINDS[kind]
+            built[kind] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"ckpt-{kind}"), shape=shape, model_type=model_type)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory, tiny_checkpoints):
+    """Lazily exported (and self-verified) bundles of the tiny checkpoints."""
+    from smolvlm_edge.export.api import export_checkpoint
+
+    built = {}
+
+    def get(kind: str):
+        if kind not in built:
+            out = tmp_path_factory.mktemp(f"bundle-{kind}") / "bundle"
+            built[kind] = export_checkpoint(str(tiny_checkpoints(kind)), out, progress=lambda *a: None)
+        return built[kind]
+
+    return get
+
+
+def make_image(width: int, height: int, seed: int = 0, mode: str = "RGB"):
+    """A deterministic noisy test image with some structure."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base[..., 0] = ((xx * 255) // max(width - 1, 1)).astype(np.uint8)
+    return Image.fromarray(base, "RGB").convert(mode)

@@ -1,0 +1,155 @@
+"""Bad input gives one clear line naming the problem and the value, a non-zero exit, and no traceback;
+and the runtime works with torch and transformers made unimportable."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import make_image
+from smolvlm_edge.runtime.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundles, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles("256m"), dst)
+    return dst
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "photo.png"
+    make_image(320, 240, seed=3).save(path)
+    return path
+
+
+def test_run_prints_json(capsys, tiny_bundles, image_file):
+    code, out, _ = run_cli(capsys, "run", "--model-dir", str(tiny_bundles("256m")), "--image", str(image_file),
+                           "--prompt", "What is this?", "--max-new-tokens", "5", "--greedy", "--json")
+    assert code == 0
+    record = json.loads(out)
+    assert set(record) == {"text", "prompt_ids", "token_ids", "timings"}
+    assert 1 <= len(record["token_ids"]) <= 5
+    for key in ("vision_ms", "ttft_ms", "decode_tokens_per_s"):
+        assert key in record["timings"]
+
+
+def test_missing_image(capsys, tiny_bundles, tmp_path):
+    missing = tmp_path / "nope.jpg"
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(tiny_bundles("256m")), "--image", str(missing), "--prompt", "hi")
+    assert_one_line_error(code, err, missing)
+
+
+def test_corrupt_image(capsys, tiny_bundles, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(tiny_bundles("256m")), "--image", str(bad), "--prompt", "hi")
+    assert_one_line_error(code, err, bad)
+
+
+def test_image_markers_must_match_images(capsys, tiny_bundles, image_file):
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(tiny_bundles("256m")), "--image", str(image_file),
+                           "--prompt", "<image> and <image>: compare")
+    assert_one_line_error(code, err, "2", "1")
+
+
+def test_prompt_beyond_context(capsys, tiny_bundles):
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(tiny_bundles("256m")), "--prompt", "hello",
+                           "--max-new-tokens", "5000")
+    assert_one_line_error(code, err, "5000", "2048")
+
+
+def test_missing_graph(capsys, bundle_copy):
+    (bundle_copy / "onnx" / "decoder_model_merged.onnx").unlink()
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(bundle_copy), "--prompt", "hi")
+    assert_one_line_error(code, err, "decoder_model_merged.onnx")
+
+
+def test_file_that_differs_from_manifest(capsys, bundle_copy):
+    config = bundle_copy / "config.json"
+    config.write_text(config.read_text().replace('"scale_factor"', '"scale_factor" ', 1))
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(bundle_copy), "--prompt", "hi")
+    assert_one_line_error(code, err, "config.json", "sha256")
+
+
+def test_truncated_graph(capsys, bundle_copy):
+    graph = bundle_copy / "onnx" / "embed_tokens.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(bundle_copy), "--prompt", "hi")
+    assert_one_line_error(code, err, "embed_tokens.onnx", "truncated")
+
+
+def test_not_a_bundle(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(tmp_path), "--prompt", "hi")
+    assert_one_line_error(code, err, str(tmp_path), "manifest.json")
+
+
+def test_unavailable_provider(capsys, tiny_bundles):
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(tiny_bundles("256m")), "--prompt", "hi", "--provider", "tensorrt")
+    assert_one_line_error(code, err, "tensorrt", "available: cpu")
+
+
+def test_unknown_provider_is_refused_by_the_parser(capsys, tiny_bundles):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--model-dir", str(tiny_bundles("256m")), "--prompt", "hi", "--provider", "warpdrive"])
+    assert exc.value.code == 2
+    assert "warpdrive" in capsys.readouterr().err
+
+
+def test_unknown_provider_by_api():
+    from smolvlm_edge.runtime.errors import ProviderError
+    from smolvlm_edge.runtime.providers import resolve_provider
+
+    with pytest.raises(ProviderError, match="warpdrive.*known: cpu"):
+        resolve_provider("warpdrive")
+
+
+def test_bad_generation_setting(capsys, tiny_bundles):
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(tiny_bundles("256m")), "--prompt", "hi", "--top-p", "1.5")
+    assert_one_line_error(code, err, "top_p", "1.5")
+
+
+BLOCK_HEAVY = textwrap.dedent("""
+    import importlib.abc, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"torch", "transformers", "optimum"}:
+                raise ImportError(f"blocked for this test: {name}")
+    sys.meta_path.insert(0, Block())
+    from smolvlm_edge.runtime.cli import main
+    code = main(sys.argv[1:])
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "transformers", "optimum"})
+    assert not heavy, heavy
+    sys.exit(code)
+""")
+
+
+def test_runtime_runs_without_torch_or_transformers(tiny_bundles, image_file):
+    """A whole generation with torch and transformers unimportable: the runtime never needs them."""
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_HEAVY, "run", "--model-dir", str(tiny_bundles("256m")),
+         "--image", str(image_file), "--prompt", "What is this?", "--max-new-tokens", "4", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["token_ids"]
