@@ -149,7 +149,8 @@ class ImageConfig:
         for key in ("image_mean", "image_std"):
             if key in d:
                 value = d[key]
-                kwargs[key] = tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+                values = value if isinstance(value, (list, tuple)) else [value] * 3  # a scalar means all channels
+                kwargs[key] = tuple(float(v) for v in values)
                 if len(kwargs[key]) != 3:
                     raise BundleError(f"{key} must have 3 values (RGB), got {value!r}: {source}")
         return cls(**kwargs)
@@ -284,9 +285,8 @@ class ImageProcessor:
             return [image], 0, 0
         n_rows = (image.height - tile) // tile + 1
         n_cols = (image.width - tile) // tile + 1
-        tiles = [
-            image.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(n_rows) for c in range(n_cols)
-        ]
+        boxes = [(c * tile, r * tile, (c + 1) * tile, (r + 1) * tile) for r in range(n_rows) for c in range(n_cols)]
+        tiles = [image.crop(box) for box in boxes]  # row-major, as the <row_r_col_c> tokens expect
         # The global view is a square resize of the tile-aligned image, not of the original.
         tiles.append(self._resize(image, tile, tile))
         return tiles, n_rows, n_cols
