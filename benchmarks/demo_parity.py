@@ -88,12 +88,8 @@ def main() -> None:
         ]
         kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
         if any(images):
-            # transformers wants an image list per prompt; a text-only row in a batch needs special care.
-            if not all(images):
-                kwargs["images"] = [im for im in images if im]
-                kwargs["text"] = texts  # prompts without <image> take no images
-            else:
-                kwargs["images"] = images
+            # A flat list: the processor hands each prompt as many images as it has <image> markers.
+            kwargs["images"] = [im for row in images for im in row]
         inputs = processor(**kwargs)
         t0 = time.perf_counter()
         with torch.no_grad():
