@@ -88,8 +88,9 @@ def generation_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def answer(model_dir, images, prompt, args, out=sys.stdout) -> dict:
+def answer(model_dir, images, prompt, args, out=None) -> dict:
     """Load a bundle, answer, and print text (streamed or not) or JSON. Returns the result dict."""
+    out = out or sys.stdout
     from .pipeline import SmolVLM
 
     vlm = SmolVLM(model_dir, provider=args.provider, threads=args.threads, precision=args.precision)
@@ -110,7 +111,8 @@ def answer(model_dir, images, prompt, args, out=sys.stdout) -> dict:
     return result.as_dict()
 
 
-def print_timings(timings: dict, out=sys.stderr) -> None:
+def print_timings(timings: dict, out=None) -> None:
+    out = out or sys.stderr
     shown = ("vision_ms", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "prompt_tokens", "new_tokens")
     out.write("timings: " + ", ".join(f"{k}={timings.get(k)}" for k in shown) + "\n")
 
