@@ -33,14 +33,16 @@ def tiny_bundles(tmp_path_factory, tiny_checkpoints):
     """Lazily exported (and self-verified) bundles of the tiny checkpoints."""
     from smolvlm_edge.export.api import export_checkpoint
 
-    built = {}
+    built, logs = {}, {}
 
     def get(kind: str):
         if kind not in built:
             out = tmp_path_factory.mktemp(f"bundle-{kind}") / "bundle"
-            built[kind] = export_checkpoint(str(tiny_checkpoints(kind)), out, progress=lambda *a: None)
+            logs[kind] = []
+            built[kind] = export_checkpoint(str(tiny_checkpoints(kind)), out, progress=logs[kind].append)
         return built[kind]
 
+    get.progress_lines = logs  # what the export printed, per kind
     return get
 
 
