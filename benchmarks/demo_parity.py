@@ -49,11 +49,9 @@ def main() -> None:
     parser.add_argument("--reuse-bundle", action="store_true", help="skip the export if the bundle exists")
     args = parser.parse_args()
 
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from smolvlm_edge.export.demo import cache_dir
     from smolvlm_edge.export.demo_checkpoint import build_demo_checkpoint
+    from smolvlm_edge.export.reference import greedy_reference, load_reference
     from smolvlm_edge.runtime import SmolVLM
 
     checkpoint = args.checkpoint or cache_dir() / "demo-checkpoint-256m"
@@ -64,9 +62,7 @@ def main() -> None:
         summary.update(export_in_child(checkpoint, args.bundle))
     summary["export_parity"] = json.loads((args.bundle / "manifest.json").read_text())["parity"]
 
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    processor.tokenizer.padding_side = "left"
+    model, processor = load_reference(str(checkpoint))
     vlm = SmolVLM(args.bundle, threads=2)
     scene, wide = sample_images()
     cases = {
@@ -78,32 +74,12 @@ def main() -> None:
     }
     matched = 0
     for name, (prompts, images, split) in cases.items():
-        processor.image_processor.do_image_splitting = split
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}] * len(im) + [{"type": "text", "text": p}]}],
-                add_generation_prompt=True,
-            )
-            for p, im in zip(prompts, images)
-        ]
-        kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
-        if any(images):
-            # A flat list: the processor hands each prompt as many images as it has <image> markers.
-            kwargs["images"] = [im for row in images for im in row]
-        inputs = processor(**kwargs)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
+        expected = greedy_reference(model, processor, prompts, images, split, args.new_tokens)
         torch_s = time.perf_counter() - t0
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        expected = []
-        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-            expected.append(row[:cut])
         results = vlm.generate_batch(prompts, images, max_new_tokens=args.new_tokens, do_sample=False,
                                      do_image_splitting=split)
-        same = all(r.token_ids == e for r, e in zip(results, expected))
+        same = all(r.prompt_ids == p and r.token_ids == e for r, (p, e) in zip(results, expected))
         matched += same
         record = {
             "case": name, "identical_tokens": same, "new_tokens": [len(r.token_ids) for r in results],
@@ -111,7 +87,7 @@ def main() -> None:
             "text": [r.text for r in results],
         }
         if not same:
-            record["expected"] = expected
+            record["expected"] = [e for _, e in expected]
             record["got"] = [r.token_ids for r in results]
         print(json.dumps(record))
     summary["cases_identical"] = f"{matched}/{len(cases)}"

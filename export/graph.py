@@ -1,6 +1,7 @@
 """Graph specs (names, dtypes, shapes) and the one routine that turns a wrapper module into an .onnx file."""
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -106,6 +107,8 @@ def export_graph(
 
     start = time.perf_counter()
     module.eval()
+    # torch's exporter logs one line per torchvision op it skips; torchvision is not needed here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         # Harmless: the exporter names axes itself and says so per shared Dim; _declare_io names them below.
         warnings.filterwarnings("ignore", message=r"# The axis name", category=UserWarning)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_image
+from smolvlm_edge.export.reference import greedy_reference, load_reference
 
 NEW_TOKENS = 32
 
@@ -27,48 +28,7 @@ CASES = {
 
 @functools.lru_cache(maxsize=None)
 def reference(checkpoint: str):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
-
-
-def torch_generate(checkpoint, prompts, images, split):
-    """transformers' greedy generate: per row, the unpadded prompt ids and the new ids through EOS."""
-    import torch
-
-    model, processor = reference(str(checkpoint))
-    processor.image_processor.do_image_splitting = split
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": p}]}],
-            add_generation_prompt=True,
-        )
-        for p, imgs in zip(prompts, images)
-    ]
-    kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
-    if any(images):
-        kwargs["images"] = images
-    inputs = processor(**kwargs)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    return [
-        (ids[mask.bool()].tolist(), through_eos(model, row.tolist()))
-        for ids, mask, row in zip(inputs["input_ids"], inputs["attention_mask"], new)
-    ]
-
-
-def through_eos(model, ids: list[int]) -> list[int]:
-    """generate() pads rows after their EOS; the runtime reports ids through the EOS."""
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    for i, tok in enumerate(ids):
-        if tok in eos:
-            return ids[: i + 1]
-    return ids
+    return load_reference(checkpoint)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +43,8 @@ def runtime_model(bundle: str):
 def test_greedy_generation_matches_transformers(case, kind, tiny_checkpoints, tiny_bundles):
     prompts, sizes, split = CASES[case]
     images = [[make_image(w, h, seed) for (w, h, seed) in row] for row in sizes]
-    expected = torch_generate(tiny_checkpoints(kind), prompts, images, split)
+    model, processor = reference(str(tiny_checkpoints(kind)))
+    expected = greedy_reference(model, processor, prompts, images, split, NEW_TOKENS)
 
     vlm = runtime_model(str(tiny_bundles(kind)))
     results = vlm.generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, do_sample=False, do_image_splitting=split)
@@ -97,26 +58,18 @@ def test_greedy_generation_matches_transformers(case, kind, tiny_checkpoints, ti
 
 
 def test_multi_turn_chat_matches_transformers(tiny_checkpoints, tiny_bundles):
-    import torch
-
-    checkpoint = tiny_checkpoints("256m")
-    model, processor = reference(str(checkpoint))
-    processor.image_processor.do_image_splitting = True
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A red house by the sea."}]},
         {"role": "user", "content": [{"type": "text", "text": "What colour is the door?"}]},
     ]
     image = make_image(640, 480, seed=7)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=[text], images=[[image]], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    model, processor = reference(str(tiny_checkpoints("256m")))
+    [(ref_prompt, ref_new)] = greedy_reference(model, processor, [messages], [[image]], True, 16)
 
-    vlm = runtime_model(str(tiny_bundles("256m")))
-    got = vlm.generate(messages, [image], max_new_tokens=16, do_sample=False)
-    assert got.prompt_ids == inputs["input_ids"][0].tolist()
-    assert got.token_ids == through_eos(model, out[0, inputs["input_ids"].shape[1]:].tolist())
+    got = runtime_model(str(tiny_bundles("256m"))).generate(messages, [image], max_new_tokens=16, do_sample=False)
+    assert got.prompt_ids == ref_prompt
+    assert got.token_ids == ref_new
 
 
 def test_streaming_gives_the_same_text(tiny_bundles):
