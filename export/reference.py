@@ -55,3 +55,37 @@ def greedy_reference(model, processor, conversations: Sequence, images: Sequence
         (ids[mask.bool()].tolist(), through_eos(row.tolist(), eos))
         for ids, mask, row in zip(inputs["input_ids"], inputs["attention_mask"], new)
     ]
+
+
+class TorchReference:
+    """The PyTorch original behind the same questions the parity report asks an ONNX build."""
+
+    def __init__(self, checkpoint: str):
+        self.model, self.processor = load_reference(checkpoint)
+
+    def image_features(self, pixel_values, pixel_attention_mask):
+        """Image features as rows [frames * tokens, D] for numpy pixels [B, N, 3, H, W] and mask [B, N, H, W]."""
+        import torch
+
+        with torch.no_grad():
+            per_row = self.model.model.get_image_features(
+                pixel_values=torch.from_numpy(pixel_values), pixel_attention_mask=torch.from_numpy(pixel_attention_mask)
+            ).pooler_output
+        return torch.cat(list(per_row), dim=0).numpy()
+
+    def embeddings(self, ids):
+        import torch
+
+        with torch.no_grad():
+            return self.model.get_input_embeddings()(torch.from_numpy(ids)).numpy()
+
+    def logits(self, ids):
+        """Teacher-forced logits [T, V] for one text-only row of ids [1, T]."""
+        import torch
+
+        with torch.no_grad():
+            return self.model(input_ids=torch.from_numpy(ids)).logits[0].numpy()
+
+    def greedy(self, prompt: str, images: list, new_tokens: int, split: bool = False) -> list[int]:
+        [(_, new)] = greedy_reference(self.model, self.processor, [prompt], [images], split, new_tokens)
+        return new

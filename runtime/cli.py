@@ -13,6 +13,24 @@ from .errors import SmolVLMEdgeError
 from .providers import PROVIDERS
 
 
+GRAPH_KEYS = {"vision": "vision_encoder", "embed": "embed_tokens", "decoder": "decoder_model_merged"}
+
+
+def parse_precision(text: str) -> str | dict[str, str]:
+    """'q4' for every graph, or 'vision=int8,decoder=q4' per graph (unnamed graphs stay fp32)."""
+    if "=" not in text:
+        return text
+    chosen = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        graph = GRAPH_KEYS.get(key.strip(), key.strip())
+        if graph not in GRAPH_KEYS.values() or not value.strip():
+            raise argparse.ArgumentTypeError(
+                f"bad precision {part!r}: use NAME or vision=NAME,embed=NAME,decoder=NAME")
+        chosen[graph] = value.strip()
+    return {g: chosen.get(g, "fp32") for g in GRAPH_KEYS.values()}
+
+
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults come from the bundle's generation_config.json)")
     g.add_argument("--max-new-tokens", type=int, help="most tokens to generate")
@@ -29,7 +47,9 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="execution provider (default cpu)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
-    p.add_argument("--precision", default="fp32", help="graph precision to load, e.g. fp32 (default)")
+    p.add_argument("--precision", default="fp32", type=parse_precision,
+                   help="build to load: fp32 (default), fp16, int8, q4, ... for every graph, or per graph as "
+                        "vision=int8,embed=q4,decoder=q4")
     p.add_argument("--no-split", action="store_true", help="do not split images into tiles (global image only)")
 
 
@@ -72,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(stream=True)
     _add_runtime_flags(demo)
     _add_generation_flags(demo)
+
+    par = sub.add_parser("parity", help="measure how far a build drifts from PyTorch and from fp32 (report + exit code)",
+                         description="Compare one precision of a bundle with the PyTorch original (the manifest's "
+                                     "source checkpoint, or --reference) and with the fp32 build: per-graph errors, "
+                                     "teacher-forced top-1/KL/perplexity over a fixed English text, greedy "
+                                     "continuations. Writes parity_PRECISION.json and .md; exits 1 when a threshold fails.")
+    par.add_argument("--bundle", required=True, help="exported bundle folder")
+    par.add_argument("--precision", required=True, type=parse_precision, help="build to check, e.g. q4 or vision=int8,decoder=q4")
+    par.add_argument("--reference", help="PyTorch checkpoint to compare with (default: the manifest's source)")
+    par.add_argument("--images", nargs="+", default=[], help="images for the vision and greedy checks (default: a generated sample)")
+    par.add_argument("--prompts", nargs="+", default=["What is in this image?"], help="prompts for greedy continuations")
+    par.add_argument("--text", help="text file for the teacher-forced check (default: the packaged English text)")
+    par.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    par.add_argument("--threads", type=int, help="intra-op threads")
+    par.add_argument("--output-dir", help="where to write the report (default: BUNDLE/parity)")
 
     sub.add_parser("providers", help="list the execution providers this onnxruntime build offers")
     return parser
@@ -132,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             from smolvlm_edge.export.api import export_checkpoint
             export_checkpoint(args.model, args.output, overwrite=args.overwrite,
                               verify=not args.no_verify, opset=args.opset)
+        elif args.command == "parity":
+            return run_parity_command(args)
         elif args.command == "demo":
             _require_export_extra()
             from smolvlm_edge.export.demo import run_demo
@@ -143,6 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run_parity_command(args) -> int:
+    from pathlib import Path
+
+    from smolvlm_edge.quantize.parity import DEFAULT_TEXT, run_parity
+    from smolvlm_edge.quantize.report import write_report
+
+    precision = args.precision
+    name = precision if isinstance(precision, str) else "mixed-" + "-".join(precision.values())
+    report = run_parity(args.bundle, precision, reference=args.reference, images=tuple(args.images),
+                        prompts=tuple(args.prompts), text_file=Path(args.text) if args.text else DEFAULT_TEXT,
+                        new_tokens=args.new_tokens, threads=args.threads)
+    report["precision"] = name
+    json_path, md_path = write_report(report, Path(args.output_dir) if args.output_dir else Path(args.bundle) / "parity")
+    print(f"parity of {name}: {'PASSED' if report['passed'] else 'FAILED'} (report: {md_path}, {json_path})")
+    for failure in report["failures"]:
+        print(f"  {failure}")
+    return 0 if report["passed"] else 1
 
 
 def _require_export_extra() -> None:
