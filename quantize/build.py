@@ -1,0 +1,276 @@
+"""quantize_bundle: add quantized graphs to a bundle; staged inside onnx/, renamed into place, manifest.json last.
+
+The bundle is checked against its manifest first. Each graph is quantized from its fp32 entry
+into a hidden staging folder inside `onnx/`, loaded once in onnxruntime and checked to have the
+fp32 graph's inputs and outputs. Only then are the files renamed into place and `manifest.json`
+replaced (written as `manifest.json.tmp`, then `os.replace`). Any failure, KeyboardInterrupt
+included, removes what was written and puts back what was replaced: the bundle stays as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, Bundle, open_bundle, sha256_file
+
+from . import QuantizeError
+from .recipes import NONE, PRECISIONS, RECIPES, QuantizeContext, Recipe, get_recipe, graph_file_name
+
+__all__ = ["PRECISIONS", "QuantizeError", "quantize_bundle", "plan"]
+
+# Short names for per-graph choices (the CLI's --vision/--embed/--decoder).
+GRAPH_ALIASES = {"vision": "vision_encoder", "embed": "embed_tokens", "decoder": "decoder_model_merged"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One graph to build: which recipe (its name is the precision), with which resolved options."""
+
+    graph: str
+    recipe: Recipe
+    options: dict
+    calibration: str | None  # "images", "prompts" or None
+
+    @property
+    def precision(self) -> str:
+        return self.recipe.name
+
+
+def _graph_name(key: str) -> str:
+    name = GRAPH_ALIASES.get(key, key)
+    if name not in GRAPH_NAMES:
+        raise QuantizeError(f"unknown graph {key!r}; graphs: {', '.join(GRAPH_NAMES)} "
+                            f"(or {', '.join(GRAPH_ALIASES)})")
+    return name
+
+
+def plan(recipe: str, graphs: dict[str, str] | None = None, options: dict | None = None) -> list[Step]:
+    """The recipe's preset, per-graph overrides applied, options resolved and checked.
+
+    `options` holds recipe options (applied to every graph whose recipe has them) and, under a graph
+    name, a dict of options for that graph only: {"block_size": 64, "decoder": {"block_size": 32}}.
+    """
+    choice = dict(get_recipe(recipe).preset)
+    for key, name in (graphs or {}).items():
+        if name != NONE:
+            get_recipe(name)
+        choice[_graph_name(key)] = name
+    shared, per_graph = {}, {}
+    for key, value in (options or {}).items():
+        if isinstance(value, dict):
+            per_graph[_graph_name(key)] = value
+        else:
+            shared[key] = value
+    active = {g: RECIPES[n] for g, n in choice.items() if n != NONE}
+    if not active:
+        raise QuantizeError(f"nothing to build: recipe {recipe} with {graphs} leaves every graph out")
+    tables = {r.name: r.option_table() for r in active.values()}
+    unknown = sorted(k for k in shared if not any(k in t for t in tables.values()))
+    if unknown:
+        known = "; ".join(f"{name}: {', '.join(t) or 'no options'}" for name, t in tables.items())
+        raise QuantizeError(f"unknown option {', '.join(unknown)} for recipe {recipe} ({known})")
+    for graph in per_graph:
+        if graph not in active:
+            raise QuantizeError(f"options given for {graph}, which this build leaves out")
+    steps = []
+    for graph in GRAPH_NAMES:
+        if graph in active:
+            r = active[graph]
+            given = {**{k: v for k, v in shared.items() if k in tables[r.name]}, **per_graph.get(graph, {})}
+            resolved = r.resolve_options(given)
+            steps.append(Step(graph, r, resolved, r.calibration(graph, resolved)))
+    return steps
+
+
+def quantize_bundle(
+    bundle_dir: str | Path,
+    recipe: str,
+    *,
+    graphs: dict[str, str] | None = None,
+    options: dict | None = None,
+    calibration_images=(),
+    calibration_prompts=(),
+    overwrite: bool = False,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Build `recipe` (per-graph overrides in `graphs`) into the bundle at `bundle_dir`; return what was added."""
+    from .calibration import check_calibration
+    from .weights import load_header, quantized_ops
+
+    bundle = open_bundle(bundle_dir)  # refuses a bundle whose files do not match the manifest
+    manifest_bytes = (bundle.path / MANIFEST).read_bytes()
+    steps = plan(recipe, graphs, options)
+    context = QuantizeContext(bundle.path.absolute(), tuple(Path(p) for p in calibration_images),
+                              tuple(calibration_prompts))
+    for step in steps:
+        entries = bundle.manifest["graphs"].get(step.graph, {})
+        if "fp32" not in entries:
+            raise QuantizeError(f"bundle {bundle.path} has no fp32 {step.graph} to quantize from")
+        if step.precision in entries and not overwrite:
+            raise QuantizeError(f"{step.graph} already has a {step.precision} build ({entries[step.precision]['file']}); "
+                                "pass overwrite=True (--overwrite) to rebuild it from fp32")
+        found = quantized_ops(load_header(bundle.graph_file(step.graph, "fp32")))
+        if found:
+            raise QuantizeError(f"the fp32 {step.graph} of {bundle.path} is already quantized ({', '.join(found)}); "
+                                "quantize from an unquantized export")
+    for kind in sorted({s.calibration for s in steps if s.calibration}):
+        check_calibration(kind, context)
+    for step in steps:
+        step.recipe.load()  # a recipe that cannot be imported fails before any work
+
+    onnx_dir = bundle.path / "onnx"
+    staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=onnx_dir))
+    try:
+        built = [_build(bundle, step, context, staging, progress) for step in steps]
+        if (bundle.path / MANIFEST).read_bytes() != manifest_bytes:
+            raise QuantizeError(f"{bundle.path / MANIFEST} changed while quantizing; nothing was added, try again")
+        _commit(bundle, built, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    total = sum(b["entry"]["size_bytes"] for b in built)
+    names = ", ".join(f"{b['graph']} {b['precision']}" for b in built)
+    progress(f"added {names} to {bundle.path} ({total / 1e6:.1f} MB)")
+    return {"bundle": str(bundle.path), "recipe": recipe,
+            "graphs": {b["graph"]: {"precision": b["precision"], **b["entry"]} for b in built},
+            "total_bytes": total}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantizers print progress bars and log at INFO; keep our one line per graph."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _build(bundle: Bundle, step: Step, context: QuantizeContext, staging: Path, progress) -> dict:
+    """Run one recipe into staging/<graph>/, check the result, and describe it for the manifest."""
+    source = bundle.manifest["graphs"][step.graph]["fp32"]
+    src = bundle.graph_file(step.graph, "fp32")
+    before = sum((bundle.path / rel).stat().st_size for rel in _entry_files(source))
+    work = staging / step.graph
+    work.mkdir()
+    dst = work / graph_file_name(step.graph, step.precision)
+    progress(f"{step.graph}: building {step.precision} ...")
+    started = time.perf_counter()
+    function = step.recipe.load()
+    with _quiet():
+        try:
+            info = function(src, dst, step.graph, dict(step.options), context)
+        except (QuantizeError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the quantizers raise many types; name the graph and the recipe
+            raise QuantizeError(f"recipe {step.precision} failed on {step.graph}: {type(exc).__name__}: {exc}") from exc
+    try:
+        json.dumps(info)
+    except TypeError as exc:
+        raise QuantizeError(f"recipe {step.precision} returned info that is not JSON: {exc}") from exc
+    if not dst.is_file():
+        raise QuantizeError(f"recipe {step.precision} wrote no {dst.name} for {step.graph}")
+    _check_io(dst, source, step)
+    seconds = time.perf_counter() - started
+    files = sorted(p.name for p in work.iterdir())
+    extra = [f for f in files if f != dst.name]
+    size = sum((work / f).stat().st_size for f in files)
+    progress(f"{step.graph}: {step.precision} in {seconds:.1f} s, {before / 1e6:.2f} MB -> {size / 1e6:.2f} MB")
+    entry = {
+        "file": f"onnx/{dst.name}",
+        "external_data": f"onnx/{extra[0]}" if len(extra) == 1 else (None if not extra else [f"onnx/{f}" for f in extra]),
+        "inputs": source["inputs"],
+        "outputs": source["outputs"],
+        "recipe": step.precision,
+        "source": "fp32",
+        "options": step.options,
+        "info": info,
+        "size_bytes": size,
+        "seconds": round(seconds, 2),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {"graph": step.graph, "precision": step.precision, "work": work, "files": files, "entry": entry}
+
+
+def _check_io(path: Path, source: dict, step: Step) -> None:
+    """The new graph loads in onnxruntime and keeps the fp32 graph's input and output names and types."""
+    import onnxruntime as ort
+
+    from smolvlm_edge.runtime.providers import make_session
+
+    try:
+        session = make_session(path, ["CPUExecutionProvider"])
+    except Exception as exc:  # BundleError or onnxruntime's own
+        raise QuantizeError(f"the {step.precision} {step.graph} does not load in onnxruntime {ort.__version__}: {exc}") from exc
+    want = {t["name"]: f"tensor({_ORT_TYPES[t['dtype']]})" for t in source["inputs"] + source["outputs"]}
+    got = {v.name: v.type for v in list(session.get_inputs()) + list(session.get_outputs())}
+    if got != want:
+        raise QuantizeError(f"the {step.precision} {step.graph} changed its inputs/outputs: {got} != {want}")
+
+
+_ORT_TYPES = {"float32": "float", "int64": "int64", "bool": "bool", "float16": "float16"}
+
+
+def _commit(bundle: Bundle, built: list[dict], staging: Path) -> None:
+    """Rename the staged files into onnx/ and replace manifest.json; on any failure undo every rename."""
+    onnx_dir = bundle.path / "onnx"
+    manifest = json.loads((bundle.path / MANIFEST).read_text())
+    backups, moved = [], []
+    tmp = bundle.path / f"{MANIFEST}.tmp"
+    try:
+        for b in built:
+            old = manifest["graphs"][b["graph"]].get(b["precision"])
+            for rel in _entry_files(old):  # an overwritten build: its files leave the table
+                manifest["files"].pop(rel, None)
+                if (bundle.path / rel).exists() and Path(rel).name not in b["files"]:
+                    backup = staging / f"replaced-{Path(rel).name}"
+                    os.replace(bundle.path / rel, backup)
+                    backups.append((bundle.path / rel, backup))
+            for name in b["files"]:
+                staged, final = b["work"] / name, onnx_dir / name
+                manifest["files"][f"onnx/{name}"] = {"sha256": sha256_file(staged), "size": staged.stat().st_size}
+                if final.exists():
+                    backup = staging / f"replaced-{name}"
+                    os.replace(final, backup)
+                    backups.append((final, backup))
+                os.replace(staged, final)
+                moved.append(final)
+            manifest["graphs"][b["graph"]][b["precision"]] = b["entry"]
+        manifest["files"] = dict(sorted(manifest["files"].items()))
+        _write_manifest(tmp, manifest)
+        os.replace(tmp, bundle.path / MANIFEST)
+    except BaseException:
+        for final in moved:
+            final.unlink(missing_ok=True)
+        for final, backup in reversed(backups):
+            os.replace(backup, final)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _entry_files(entry: dict | None) -> list[str]:
+    if not entry:
+        return []
+    extra = entry.get("external_data") or []
+    return [entry["file"], *([extra] if isinstance(extra, str) else extra)]
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())

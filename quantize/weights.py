@@ -1,0 +1,415 @@
+"""Weight recipes: fp16, int8/uint8 (dynamic or weight-only), block int4 (q4, q4f16: RTN, HQQ, GPTQ) and bnb4.
+
+Every function has the recipe signature of recipes.py. What stays float32 on purpose: graph inputs
+and outputs (the KV cache too), convolutions, the vision position embedding in the 4-bit builds,
+and in fp16 builds the rotary angles (positions times frequencies, Cos, Sin) and each decomposed
+RMS norm from Pow to Reciprocal, which lose positions or overflow in float16.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from smolvlm_edge.export.graph import DEFAULT_EXTERNAL_DATA_THRESHOLD
+
+from . import QuantizeError
+from .recipes import QuantizeContext
+
+# Protobuf cannot serialise 2 GiB; keep a margin for the graph itself.
+_PROTO_LIMIT = DEFAULT_EXTERNAL_DATA_THRESHOLD - (64 << 20)
+_NORM_OPS = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Div")
+_QUANT_OPS = {"MatMulNBits", "GatherBlockQuantized", "MatMulBnb4", "MatMulInteger", "DynamicQuantizeLinear",
+              "QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "ConvInteger", "DynamicQuantizeMatMul"}
+
+
+# ---------------------------------------------------------------- files
+
+
+def load(src: Path) -> onnx.ModelProto:
+    """The fp32 graph with its weights (external data read from beside it)."""
+    model = onnx.load(str(src))
+    _name_nodes(model)
+    return model
+
+
+def load_header(src: Path) -> onnx.ModelProto:
+    """The graph without external weights: enough to read its ops."""
+    return onnx.load(str(src), load_external_data=False)
+
+
+def save(model: onnx.ModelProto, dst: Path) -> None:
+    """Write `dst`; weights go to `dst`.onnx_data beside it when they would pass protobuf's 2 GB."""
+    if _weight_bytes(model) > _PROTO_LIMIT:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.with_suffix(".onnx_data").name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.raw_data:
+            total += len(t.raw_data)
+        else:
+            total += int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Quantizers address nodes by name: give unnamed ones a unique name."""
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def quantized_ops(model: onnx.ModelProto) -> list[str]:
+    """Quantized op types in a graph (an fp32 entry that has any is not a float source)."""
+    return sorted({n.op_type for n in model.graph.node if n.op_type in _QUANT_OPS})
+
+
+def _count(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in model.graph.node)
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def lm_head(model: onnx.ModelProto, output: str = "logits") -> str | None:
+    """Name of the MatMul with a constant weight that produces `output` (through shape-only ops)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = _initializers(model)
+    node = producers.get(output)
+    while node is not None:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            return node.name
+        if node.op_type not in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Add"):
+            return None
+        node = producers.get(node.input[0])
+    return None
+
+
+# ---------------------------------------------------------------- fp16
+
+
+def _float32_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes that must stay float32: Cos/Sin and all they depend on (rotary angles), and each decomposed
+    RMS norm from its Pow to its Reciprocal (SmolLM2's mean of squares reaches ~9e5, past float16's 65504)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    keep, stack = set(), [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    while stack:  # upstream of Cos/Sin
+        node = stack.pop()
+        if node.name not in keep:
+            keep.add(node.name)
+            stack.extend(producers[i] for i in node.input if i in producers)
+    stack = [n for n in model.graph.node if n.op_type == "Pow"]
+    while stack:  # downstream of Pow through the norm's reduction
+        node = stack.pop()
+        if node.name not in keep:
+            keep.add(node.name)
+            stack.extend(c for o in node.output for c in consumers.get(o, []) if c.op_type in _NORM_OPS)
+    return sorted(keep)
+
+
+def to_float16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    keep = _float32_nodes(model)
+    casts = _count(model, "Cast")
+    logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.ERROR)
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+                                     node_block_list=keep, disable_shape_infer=_weight_bytes(model) > _PROTO_LIMIT)
+    removed = _drop_float16_round_trips(model, set(keep))
+    return model, {"float32_nodes": len(keep), "casts_added": _count(model, "Cast") - casts,
+                   "round_trips_removed": removed}
+
+
+def _drop_float16_round_trips(model: onnx.ModelProto, kept: set[str]) -> int:
+    """The converter casts every kept node's float32 output to float16, and back for the next kept node, so a
+    float32 chain (a norm's mean of squares) would still overflow: give such consumers the float32 value."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def cast_to(node, dtype) -> bool:
+        return node is not None and node.op_type == "Cast" and any(a.name == "to" and a.i == dtype for a in node.attribute)
+
+    rename = {}
+    for node in model.graph.node:
+        half = producers.get(node.input[0]) if cast_to(node, TensorProto.FLOAT) else None
+        if cast_to(half, TensorProto.FLOAT16) and getattr(producers.get(half.input[0]), "name", None) in kept:
+            rename[node.output[0]] = half.input[0]
+    outputs = {o.name for o in model.graph.output}
+    rename = {k: v for k, v in rename.items() if k not in outputs}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {i for n in model.graph.node for i in n.input} | outputs
+    remaining = [n for n in model.graph.node if n.op_type != "Cast" or any(o in used for o in n.output)]
+    removed = len(model.graph.node) - len(remaining)
+    del model.graph.node[:]
+    model.graph.node.extend(remaining)
+    return removed
+
+
+def quantize_fp16(src: Path, dst: Path, graph: str, options: dict, context: QuantizeContext) -> dict:
+    model, info = to_float16(load(src))
+    save(model, dst)
+    return {"weights": "float16", **info}
+
+
+# ---------------------------------------------------------------- dynamic int8
+
+
+def _dynamic(src: Path, dst: Path, options: dict, weight_type: str) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if options["mode"] == "weight_only":
+        return _weight_only_8bit(src, dst, options, weight_type)
+    if options["block_size"] is not None:
+        raise QuantizeError(f"block_size is an option of {weight_type} mode=weight_only, not of mode=dynamic")
+    model = load(src)
+    large = _weight_bytes(model) // 4 > _PROTO_LIMIT
+    # Convolutions stay float: onnxruntime's CPU ConvInteger takes uint8 weights only, and the patch
+    # embedding is a small share of the weights. MatMuls with a constant B only (attention stays float).
+    quantize_dynamic(model, dst, op_types_to_quantize=["MatMul", "Gather"], per_channel=options["per_channel"],
+                     reduce_range=options["reduce_range"],
+                     weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
+                     use_external_data_format=large, extra_options={"MatMulConstBOnly": True})
+    if large:  # onnxruntime names it `<file>.data`; bundles use `<stem>.onnx_data`
+        written = onnx.load(str(dst), load_external_data=False)
+        for tensor in written.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = dst.with_suffix(".onnx_data").name
+        Path(f"{dst}.data").rename(dst.with_suffix(".onnx_data"))
+        onnx.save_model(written, str(dst))
+    out = onnx.load(str(dst), load_external_data=False)
+    return {"weights": weight_type, "mode": "dynamic", "matmuls_quantized": _count(out, "MatMulInteger"),
+            "gathers_quantized": sum(n.op_type == "Gather" and n.input[0].endswith("_quantized")
+                                     for n in out.graph.node), "activations": "uint8, dynamic per tensor"}
+
+
+def _weight_only_8bit(src: Path, dst: Path, options: dict, weight_type: str) -> dict:
+    if options["per_channel"] or options["reduce_range"]:
+        raise QuantizeError(f"per_channel and reduce_range are options of {weight_type} mode=dynamic, not of weight_only")
+    block, symmetric = options["block_size"] or 32, weight_type == "int8"
+    model = _nbits(load(src), 8, block, symmetric, 0, "rtn", [])
+    gathers = quantize_gathers(model, 8, block, symmetric)
+    save(model, dst)
+    return {"weights": weight_type, "mode": "weight_only", "block_size": block, "activations": "float32",
+            "matmuls_quantized": _count(model, "MatMulNBits"), "gathers_quantized": gathers}
+
+
+def quantize_int8(src: Path, dst: Path, graph: str, options: dict, context: QuantizeContext) -> dict:
+    return _dynamic(src, dst, options, "int8")
+
+
+def quantize_uint8(src: Path, dst: Path, graph: str, options: dict, context: QuantizeContext) -> dict:
+    return _dynamic(src, dst, options, "uint8")
+
+
+# ---------------------------------------------------------------- block int4
+
+
+def quantize_q4(src: Path, dst: Path, graph: str, options: dict, context: QuantizeContext) -> dict:
+    model, info = q4_model(load(src), graph, options, context)
+    save(model, dst)
+    return info
+
+
+def quantize_q4f16(src: Path, dst: Path, graph: str, options: dict, context: QuantizeContext) -> dict:
+    model, half = to_float16(load(src))
+    model, info = q4_model(model, graph, options, context)
+    save(model, dst)
+    return {**info, **half, "float16": True}
+
+
+def q4_model(model: onnx.ModelProto, graph: str, options: dict, context: QuantizeContext) -> tuple[onnx.ModelProto, dict]:
+    """Int4 block weights: every constant MatMul (MatMulNBits) and, in embed_tokens, the table (GatherBlockQuantized)."""
+    algorithm, block, level = options["algorithm"], options["block_size"], options["accuracy_level"]
+    if algorithm == "hqq" and options["symmetric"]:
+        raise QuantizeError("q4 with algorithm=hqq stores a float zero point per block (asymmetric); "
+                            "drop symmetric=True or choose algorithm=rtn or gptq")
+    symmetric = options["symmetric"] is not False and algorithm != "hqq"
+    info = {"algorithm": algorithm, "block_size": block, "symmetric": symmetric}
+    if graph == "embed_tokens":
+        bits = options["embeddings_bits"]
+        width = next((t.dims[1] for t in model.graph.initializer if len(t.dims) == 2), block)
+        done = quantize_gathers(model, bits, block, symmetric=True)
+        return model, {**info, "algorithm": "rtn", "symmetric": True, "gathers_quantized": done, "embedding_bits": bits,
+                       "block_size": gather_block_size(width, block)}
+    head = lm_head(model) if graph == "decoder_model_merged" else None
+    head_bits = options["lm_head_bits"] or options["embeddings_bits"]
+    eight_bit_head = head is not None and head_bits == 8
+    exclude = [head] if eight_bit_head else []
+    if algorithm == "gptq":
+        from .calibration import calibration_feeds
+
+        model = _gptq(model, calibration_feeds(graph, context), block, symmetric, exclude)
+    else:
+        model = _nbits(model, 4, block, symmetric, level, algorithm, exclude)
+    if eight_bit_head:
+        model = _nbits(model, 8, block, True, level, "rtn", [])
+    _set_accuracy_level(model, level)
+    info.update(matmuls_quantized=_count(model, "MatMulNBits"), matmuls_float=_const_matmuls(model),
+                lm_head=(None if head is None else "int8 MatMulNBits" if eight_bit_head else f"int4 {algorithm}"))
+    return model, info
+
+
+def _const_matmuls(model: onnx.ModelProto) -> int:
+    inits = _initializers(model)
+    return sum(n.op_type == "MatMul" and n.input[1] in inits for n in model.graph.node)
+
+
+def _nbits(model, bits: int, block: int, symmetric: bool, level: int, algorithm: str, exclude: list[str]):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    logging.getLogger(mnq.__name__).setLevel(logging.WARNING)
+    if algorithm == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
+    else:
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits,
+                                                  accuracy_level=level or None)
+    quantizer = mnq.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=symmetric, bits=bits,
+                                         accuracy_level=level or None, nodes_to_exclude=exclude, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _gptq(model, feeds: list[dict], block: int, symmetric: bool, exclude: list[str]):
+    from onnxruntime.quantization.neural_compressor import gptq_quantize
+
+    inits = _initializers(model)
+    if not symmetric:  # onnxruntime 1.32's GPTQ packs 4-bit zero points in pairs of blocks
+        for n in model.graph.node:
+            if n.op_type == "MatMul" and n.input[1] in inits and n.name not in exclude:
+                k = inits[n.input[1]].dims[0]
+                if -(-k // block) % 2:
+                    raise QuantizeError(f"gptq with symmetric=False needs an even number of blocks per column, "
+                                        f"but {n.name} has K={k} ({-(-k // block)} blocks of {block}); "
+                                        "use symmetric=True or another block_size")
+    config = {n.name: ("fp32" if n.name in exclude else
+                       {"bits": 4, "group_size": block, "scheme": "sym" if symmetric else "asym", "algorithm": "GPTQ"})
+              for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    return gptq_quantize(model, [(feed, None) for feed in feeds], weight_config=config, num_bits=4,
+                         group_size=block, scheme="sym" if symmetric else "asym", n_samples=-1).model
+
+
+def _set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            if level:
+                node.attribute.append(helper.make_attribute("accuracy_level", level))
+
+
+def block_quantize(table: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """[V, D] floats -> (codes uint8 [V, D] in 0..2^bits-1, scales [V, D/block], zero points uint8 or None).
+
+    Symmetric uses the default zero point 2^(bits-1) and maps the block's largest magnitude to -2^(bits-1)."""
+    v, d = table.shape
+    blocks = table.astype(np.float32).reshape(v, d // block, block)
+    levels, mid = 2**bits - 1, 2 ** (bits - 1)
+    if symmetric:
+        lo, hi = blocks.min(-1), blocks.max(-1)
+        extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+        scales = extreme / -mid
+        safe = np.where(scales == 0, 1, scales)[..., None]
+        codes = np.clip(np.round(blocks / safe), -mid, mid - 1) + mid
+        zeros = None
+    else:
+        lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scales = (hi - lo) / levels
+        safe = np.where(scales == 0, 1, scales)
+        zeros = np.clip(np.round(-lo / safe), 0, levels).astype(np.uint8)
+        codes = np.clip(np.round(blocks / safe[..., None]) + zeros[..., None], 0, levels)
+    return codes.reshape(v, d).astype(np.uint8), scales.astype(table.dtype), zeros
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack along the last axis, low-order bits first (GatherBlockQuantized's uint8 layout)."""
+    if bits == 8:
+        return codes
+    per = 8 // bits
+    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).astype(np.uint8)
+    return sum((grouped[..., i] << (bits * i)) for i in range(per)).astype(np.uint8)
+
+
+def gather_block_size(width: int, block: int) -> int:
+    """`block`, or the largest smaller power of two (>= 16) that divides the embedding width (576 = 64 x 9)."""
+    while width % block:
+        block //= 2
+        if block < 16:
+            raise QuantizeError(f"embedding width {width} is not a multiple of 16; no block size fits")
+    return block
+
+
+def quantize_gathers(model: onnx.ModelProto, bits: int, block: int, symmetric: bool = True) -> int:
+    """Embedding tables ([V, D] constant data, gathered on axis 0) -> GatherBlockQuantized (uint8, `bits` per value)."""
+    inits = _initializers(model)
+    nodes, done = [], 0
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or len(table.dims) != 2 or axis != 0 or table.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            nodes.append(node)
+            continue
+        data = numpy_helper.to_array(table)
+        block = gather_block_size(data.shape[1], block)
+        codes, scales, zeros = block_quantize(data, bits, block, symmetric)
+        names = [f"{table.name}_q{bits}", node.input[1], f"{table.name}_scales"]
+        new = [numpy_helper.from_array(_pack(codes, bits), names[0]), numpy_helper.from_array(scales, names[2])]
+        if zeros is not None:
+            names.append(f"{table.name}_zero_points")
+            new.append(numpy_helper.from_array(_pack(zeros, bits), names[3]))
+        model.graph.initializer.remove(table)
+        model.graph.initializer.extend(new)
+        nodes.append(helper.make_node("GatherBlockQuantized", names, list(node.output), name=f"{node.name}_Q{bits}",
+                                      domain="com.microsoft", bits=bits, block_size=block, gather_axis=0,
+                                      quantize_axis=1))
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _use_ms_domain(model)
+    return done
+
+
+def _use_ms_domain(model: onnx.ModelProto) -> None:
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+# ---------------------------------------------------------------- bnb4
+
+
+def quantize_bnb4(src: Path, dst: Path, graph: str, options: dict, context: QuantizeContext) -> dict:
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+    model, block = load(src), options["block_size"]
+    info = {"quant_type": options["quant_type"], "block_size": block}
+    if graph == "embed_tokens":
+        # bnb4 has no Gather form: the table gets q4's int4 blocks, so every graph has a _bnb4 file.
+        return _saved(model, dst, {**info, "gathers_quantized": quantize_gathers(model, 4, block), "gather": "int4 rtn"})
+    kind = MatMulBnb4Quantizer.NF4 if options["quant_type"] == "nf4" else MatMulBnb4Quantizer.FP4
+    quantizer = MatMulBnb4Quantizer(model, kind, block)
+    quantizer.process()
+    model = quantizer.model.model
+    return _saved(model, dst, {**info, "matmuls_quantized": _count(model, "MatMulBnb4")})
+
+
+def _saved(model: onnx.ModelProto, dst: Path, info: dict) -> dict:
+    save(model, dst)
+    return info

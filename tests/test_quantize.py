@@ -1,0 +1,365 @@
+"""Quantized builds on tiny checkpoints: each recipe loads, generates and meets PARITY_THRESHOLDS; bad input changes nothing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_image
+
+pytest.importorskip("onnx")
+
+from smolvlm_edge.quantize import QuantizeError  # noqa: E402
+from smolvlm_edge.quantize import build, weights  # noqa: E402
+from smolvlm_edge.quantize.build import quantize_bundle  # noqa: E402
+from smolvlm_edge.quantize.recipes import (  # noqa: E402
+    PARITY_THRESHOLDS, PRECISIONS, RECIPES, SUFFIXES, cosine_floor, get_recipe,
+)
+from smolvlm_edge.runtime import SmolVLM  # noqa: E402
+from smolvlm_edge.runtime.bundle import GRAPH_NAMES, open_bundle, sha256_file  # noqa: E402
+from smolvlm_edge.runtime.errors import BundleError  # noqa: E402
+
+REFERENCE_TEXT = Path(__file__).parents[1] / "quantize" / "data" / "reference_text.txt"
+PROMPTS = ("What is in this image?", "Describe the picture in detail.", REFERENCE_TEXT.read_text()[:400])
+# Everything one bundle can hold side by side (q4 with its default algorithm, hqq).
+SHARED = ("fp16", "q4f16", "int8", "uint8", "quantized", "q4", "bnb4")
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file (hidden ones too) and its sha256: equal snapshots mean an untouched bundle."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("calibration")
+    paths = [folder / "a.png", folder / "b.png"]
+    make_image(300, 200, seed=1).save(paths[0])
+    make_image(512, 512, seed=2).save(paths[1])
+    return paths
+
+
+def copy_bundle(tiny_bundles, kind: str, dest: Path) -> Path:
+    return Path(shutil.copytree(tiny_bundles(kind), dest / "bundle"))
+
+
+@pytest.fixture(scope="module")
+def built(tiny_bundles, tmp_path_factory, images) -> Path:
+    """One copy of the 256m bundle with every shared precision added."""
+    bundle = copy_bundle(tiny_bundles, "256m", tmp_path_factory.mktemp("quantized"))
+    for recipe in SHARED:
+        quantize_bundle(bundle, recipe, progress=lambda line: None)
+    return bundle
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def parity(bundle: Path, precision, images: list[Path], check_files: bool = True) -> dict:
+    """Each graph's output cosine with fp32 (same inputs), and teacher-forced top-1 and KL end to end."""
+    from smolvlm_edge.runtime.images import load_image
+
+    build_ = SmolVLM(bundle, precision=precision, check_files=check_files)
+    ref = SmolVLM(bundle, check_files=check_files)
+    pixels = ref.images([[load_image(p) for p in images]], do_image_splitting=False)
+    feed = {"pixel_values": pixels.pixel_values, "pixel_attention_mask": pixels.pixel_attention_mask}
+    ids = np.array([ref.text.encode(REFERENCE_TEXT.read_text())[:128]], dtype=np.int64)
+    mask, positions = np.ones_like(ids), np.arange(ids.shape[1])[None]
+
+    def logits(vlm, embeds):
+        return vlm.decoder(embeds, mask, positions, vlm.decoder.empty_cache(1))[0][0]   # [T, V]
+
+    want = logits(ref, ref.embed(ids))
+    got, ref_lp = log_softmax(logits(build_, build_.embed(ids))), log_softmax(want)
+    return {
+        "vision_encoder": cosine(build_.vision.run(None, feed)[0], ref.vision.run(None, feed)[0]),
+        "embed_tokens": cosine(build_.embed(ids), ref.embed(ids)),
+        "decoder_model_merged": cosine(logits(build_, ref.embed(ids)), want),
+        "top1": float((got.argmax(-1) == ref_lp.argmax(-1)).mean()),
+        "kl": float((np.exp(ref_lp) * (ref_lp - got)).sum(-1).mean()),
+    }
+
+
+def assert_passes(result: dict, precision: str) -> None:
+    row = PARITY_THRESHOLDS[precision]
+    for graph in GRAPH_NAMES:
+        assert result[graph] >= cosine_floor(precision, graph), (precision, graph, result)
+    assert result["top1"] >= row["top1_min"], (precision, result)
+    assert result["kl"] <= row["kl_mean_max"], (precision, result)
+
+
+def generates(bundle: Path, precision, image: Path) -> list[int]:
+    vlm = SmolVLM(bundle, precision=precision)
+    out = vlm.generate("What is in this image?", [image], max_new_tokens=4, do_sample=False, do_image_splitting=False)
+    assert 1 <= len(out.token_ids) <= 4
+    return out.token_ids
+
+
+# ---------------------------------------------------------------- the table
+
+
+def test_recipe_table_is_complete():
+    assert PRECISIONS[0] == "fp32" and set(PRECISIONS) == {"fp32", *RECIPES}
+    for name, recipe in RECIPES.items():
+        assert SUFFIXES[name] == recipe.suffix == f"_{name}"
+        assert set(recipe.preset) == set(GRAPH_NAMES)
+        assert all(choice in RECIPES or choice == "none" for choice in recipe.preset.values())
+        assert all(option.doc for option in (recipe.options or {}).values())
+    for precision in PRECISIONS:
+        assert {"cosine_min", "graph_cosine_min", "top1_min", "kl_mean_max", "greedy_identical"} <= set(
+            PARITY_THRESHOLDS[precision])
+
+
+# ---------------------------------------------------------------- every recipe
+
+
+@pytest.mark.parametrize("precision", SHARED)
+def test_recipe_loads_generates_and_meets_thresholds(built, images, precision):
+    generates(built, precision, images[0])
+    assert_passes(parity(built, precision, images), precision)
+
+
+@pytest.mark.parametrize("recipe, options", [
+    ("q4", {"algorithm": "rtn"}), ("q4", {"algorithm": "gptq"}), ("q4", {"embeddings_bits": 8}),
+    ("q4", {"lm_head_bits": 8}), ("int8", {"mode": "weight_only"}),
+], ids=["q4-rtn", "q4-gptq", "q4-8bit-embeddings", "q4-8bit-lm-head", "int8-weight-only"])
+def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
+    bundle = copy_bundle(tiny_bundles, "256m", tmp_path)
+    quantize_bundle(bundle, recipe, options=options, calibration_images=images, calibration_prompts=PROMPTS,
+                    progress=lambda line: None)
+    entries = json.loads((bundle / "manifest.json").read_text())["graphs"]
+    decoder = entries["decoder_model_merged"][recipe]
+    assert {k: decoder["options"][k] for k in options} == options
+    if recipe == "q4":
+        assert decoder["info"]["algorithm"] == options.get("algorithm", "hqq")
+        head_bits = options.get("lm_head_bits", options.get("embeddings_bits", 4))
+        assert decoder["info"]["lm_head"] == ("int8 MatMulNBits" if head_bits == 8 else f"int4 {decoder['info']['algorithm']}")
+        assert entries["embed_tokens"]["q4"]["info"]["embedding_bits"] == options.get("embeddings_bits", 4)
+    else:
+        assert decoder["info"]["matmuls_quantized"] == 15 and decoder["info"]["activations"] == "float32"
+    generates(bundle, recipe, images[0])
+    assert_passes(parity(bundle, recipe, images), recipe)
+
+
+def test_q4_on_the_2b_shape(tiny_bundles, tmp_path, images):
+    bundle = copy_bundle(tiny_bundles, "2b", tmp_path)
+    quantize_bundle(bundle, "q4", progress=lambda line: None)
+    generates(bundle, "q4", images[0])
+    assert_passes(parity(bundle, "q4", images), "q4")
+
+
+def test_a_damaged_build_fails_the_thresholds(built, tmp_path, images):
+    """Swapping the two int4 values of every byte (a packing bug) must not pass as a q4 build."""
+    import onnx
+    from onnx import numpy_helper
+
+    bundle = Path(shutil.copytree(built, tmp_path / "damaged"))
+    path = bundle / "onnx" / "decoder_model_merged_q4.onnx"
+    model = onnx.load(path)
+    weights_ = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    for tensor in model.graph.initializer:
+        if tensor.name in weights_:
+            packed = numpy_helper.to_array(tensor)
+            tensor.CopyFrom(numpy_helper.from_array(((packed & 0x0F) << 4) | (packed >> 4), tensor.name))
+    onnx.save(model, path)
+    result = parity(bundle, "q4", images, check_files=False)  # the sha256 check is not the point here
+    row = PARITY_THRESHOLDS["q4"]
+    assert result["decoder_model_merged"] < row["cosine_min"] and result["kl"] > row["kl_mean_max"], result
+
+
+def test_fp16_keeps_a_norms_mean_of_squares_in_float32():
+    """x = 1000 squares to 1e6, past float16's 65504: the norm chain must stay float32 end to end."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"], name="pow"),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["mean"], name="mean", keepdims=1),
+             helper.make_node("Add", ["mean", "eps"], ["var"], name="add"),
+             helper.make_node("Sqrt", ["var"], ["root"], name="sqrt"),
+             helper.make_node("Reciprocal", ["root"], ["inv"], name="inv"),
+             helper.make_node("Mul", ["x", "inv"], ["normed"], name="scale"),
+             helper.make_node("MatMul", ["normed", "w"], ["y"], name="proj")]
+    init = [numpy_helper.from_array(np.array(2.0, np.float32), "two"), numpy_helper.from_array(np.array([-1]), "axes"),
+            numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+            numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32), "w")]
+    graph = helper.make_graph(nodes, "norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    x = {"x": np.array([[1000, -3, 2, 1, 0.5, -1, 4, 1000]], np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    half, info = weights.to_float16(onnx.ModelProto.FromString(model.SerializeToString()))
+    got = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert info["float32_nodes"] == 5 and info["round_trips_removed"] >= 4
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------- manifest and runtime
+
+
+def test_manifest_records_each_build(built):
+    bundle = open_bundle(built)  # checks the sha256 and size of every listed file
+    fp32 = {g: bundle.manifest["graphs"][g]["fp32"] for g in GRAPH_NAMES}
+    for precision in SHARED:
+        for graph in GRAPH_NAMES:
+            entry = bundle.manifest["graphs"][graph][precision]
+            assert entry["file"] == f"onnx/{graph}{SUFFIXES[precision]}.onnx"
+            assert entry["recipe"] == precision and entry["source"] == "fp32"
+            assert entry["inputs"] == fp32[graph]["inputs"] and entry["outputs"] == fp32[graph]["outputs"]
+            listed = bundle.manifest["files"][entry["file"]]
+            assert listed["sha256"] == sha256_file(built / entry["file"])
+            assert entry["size_bytes"] == listed["size"] == (built / entry["file"]).stat().st_size
+            assert set(entry["options"]) == set(get_recipe(precision).option_table())
+    q4 = bundle.manifest["graphs"]["decoder_model_merged"]["q4"]
+    assert q4["info"]["lm_head"] == "int4 hqq" and q4["info"]["matmuls_float"] == 0
+    assert bundle.manifest["graphs"]["embed_tokens"]["q4"]["info"]["gathers_quantized"] == 1
+    assert not [p for p in (built / "onnx").iterdir() if p.name.startswith(".")]
+
+
+def test_runtime_mixes_precisions_per_graph(built, images):
+    mixed = {"vision_encoder": "int8", "embed_tokens": "fp32", "decoder_model_merged": "q4"}
+    generates(built, mixed, images[0])
+    vlm, int8, q4 = SmolVLM(built, precision=mixed), SmolVLM(built, precision="int8"), SmolVLM(built, precision="q4")
+    pixels = vlm.images([[make_image(64, 64)]], do_image_splitting=False)
+    feed = {"pixel_values": pixels.pixel_values, "pixel_attention_mask": pixels.pixel_attention_mask}
+    np.testing.assert_array_equal(vlm.vision.run(None, feed)[0], int8.vision.run(None, feed)[0])
+    ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
+    np.testing.assert_array_equal(vlm.embed(ids), SmolVLM(built).embed(ids))
+    cache = vlm.decoder.empty_cache(1)
+    args = (vlm.embed(ids), np.ones_like(ids), np.arange(4)[None])
+    np.testing.assert_array_equal(vlm.decoder(*args, cache)[0], q4.decoder(*args, cache)[0])
+
+
+def test_per_graph_choices(tiny_bundles, tmp_path):
+    bundle = copy_bundle(tiny_bundles, "256m", tmp_path)
+    lines = []
+    result = quantize_bundle(bundle, "q4", graphs={"vision": "int8", "embed_tokens": "none"},
+                             options={"decoder": {"block_size": 16, "accuracy_level": 0}}, progress=lines.append)
+    graphs = json.loads((bundle / "manifest.json").read_text())["graphs"]
+    assert set(graphs["vision_encoder"]) == {"fp32", "int8"} and set(graphs["embed_tokens"]) == {"fp32"}
+    assert graphs["decoder_model_merged"]["q4"]["options"]["block_size"] == 16
+    assert graphs["decoder_model_merged"]["q4"]["options"]["accuracy_level"] == 0
+    assert set(result["graphs"]) == {"vision_encoder", "decoder_model_merged"}
+    assert any("decoder_model_merged: q4 in" in line and "MB ->" in line for line in lines)
+
+
+# ---------------------------------------------------------------- bad input leaves the bundle as it was
+
+
+@pytest.fixture
+def fresh(tiny_bundles, tmp_path) -> Path:
+    return copy_bundle(tiny_bundles, "256m", tmp_path)
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(recipe="q3"), "unknown recipe 'q3'; known recipes: fp16, q4f16"),
+    (dict(recipe="q4", options={"blocksize": 64}), "unknown option blocksize for recipe q4"),
+    (dict(recipe="q4", options={"block_size": 48}), "block_size=48 of recipe q4 must be one of"),
+    (dict(recipe="q4", options={"algorithm": "hqq", "symmetric": True}), "hqq stores a float zero point"),
+    (dict(recipe="q4", graphs={"audio": "int8"}), "unknown graph 'audio'"),
+    (dict(recipe="int8", options={"block_size": 64}), "block_size is an option of int8 mode=weight_only"),
+    (dict(recipe="q4", graphs={g: "none" for g in GRAPH_NAMES}), "nothing to build"),
+    (dict(recipe="q4", options={"algorithm": "gptq"}, calibration_prompts=["hi"]), "needs calibration images"),
+    (dict(recipe="q4", graphs={"vision": "none"}, options={"algorithm": "gptq"}, calibration_prompts=["hi", " "]),
+     "needs calibration prompts"),
+    (dict(recipe="q4", graphs={"vision": "none"}, options={"algorithm": "gptq"}), "needs calibration prompts"),
+    (dict(recipe="q4", options={"algorithm": "gptq", "symmetric": False, "block_size": 64}, calibration_prompts=["hi"],
+          graphs={"vision": "none"}), "needs an even number of blocks per column"),
+])
+def test_bad_requests_are_refused_and_change_nothing(fresh, call, message):
+    before = snapshot(fresh)
+    with pytest.raises(QuantizeError, match=re.escape(message)):
+        quantize_bundle(fresh, progress=lambda line: None, **call)
+    assert snapshot(fresh) == before
+
+
+def test_unreadable_calibration_image(fresh, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    before = snapshot(fresh)
+    with pytest.raises(QuantizeError, match="calibration image .*not-an-image.png cannot be read"):
+        quantize_bundle(fresh, "q4", options={"algorithm": "gptq"}, calibration_images=[bad],
+                        calibration_prompts=PROMPTS, progress=lambda line: None)
+    assert snapshot(fresh) == before
+
+
+def test_requantizing_is_refused_unless_overwrite(fresh):
+    quantize_bundle(fresh, "int8", graphs={"embed": "none", "decoder": "none"}, progress=lambda line: None)
+    before = snapshot(fresh)
+    with pytest.raises(QuantizeError, match="vision_encoder already has a int8 build .*overwrite=True"):
+        quantize_bundle(fresh, "int8", graphs={"embed": "none", "decoder": "none"}, progress=lambda line: None)
+    assert snapshot(fresh) == before
+    quantize_bundle(fresh, "int8", graphs={"embed": "none", "decoder": "none"}, options={"per_channel": True},
+                    overwrite=True, progress=lambda line: None)
+    manifest = open_bundle(fresh).manifest  # the sha256 of the rebuilt file is the new one
+    assert manifest["graphs"]["vision_encoder"]["int8"]["options"]["per_channel"] is True
+
+
+def test_an_already_quantized_source_is_refused(fresh):
+    quantize_bundle(fresh, "q4", graphs={"vision": "none", "embed": "none"}, progress=lambda line: None)
+    # A bundle whose "fp32" entry points at a quantized graph (hand-edited, sha256 table updated too).
+    manifest = json.loads((fresh / "manifest.json").read_text())
+    manifest["graphs"]["decoder_model_merged"]["fp32"] = manifest["graphs"]["decoder_model_merged"].pop("q4")
+    (fresh / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(fresh)
+    with pytest.raises(QuantizeError, match="already quantized \\(MatMulNBits\\)"):
+        quantize_bundle(fresh, "int8", graphs={"vision": "none", "embed": "none"}, progress=lambda line: None)
+    assert snapshot(fresh) == before
+
+
+def test_a_tampered_bundle_is_refused(fresh):
+    graph = fresh / "onnx" / "embed_tokens.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    before = snapshot(fresh)
+    with pytest.raises(BundleError, match="embed_tokens.onnx has sha256"):
+        quantize_bundle(fresh, "int8", progress=lambda line: None)
+    assert snapshot(fresh) == before
+
+
+def test_an_interrupted_build_leaves_the_bundle_as_it_was(fresh, monkeypatch):
+    calls, original = [], weights.quantize_int8
+
+    def interrupted(src, dst, graph, options, context):
+        calls.append(graph)
+        if len(calls) == 2:  # the first graph is staged, the second has written its file
+            dst.write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return original(src, dst, graph, options, context)
+
+    monkeypatch.setattr(weights, "quantize_int8", interrupted)
+    before = snapshot(fresh)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_bundle(fresh, "int8", progress=lambda line: None)
+    assert calls == ["vision_encoder", "embed_tokens"]
+    assert snapshot(fresh) == before
+
+
+def test_a_failed_commit_puts_everything_back(fresh, monkeypatch):
+    """Files already renamed into onnx/ (one replacing an older build) are undone when manifest.json fails."""
+    quantize_bundle(fresh, "int8", graphs={"embed": "none", "decoder": "none"}, progress=lambda line: None)
+    before = snapshot(fresh)
+
+    def full_disk(path, manifest):
+        path.write_text("{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(build, "_write_manifest", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        quantize_bundle(fresh, "int8", overwrite=True, progress=lambda line: None)
+    assert snapshot(fresh) == before
