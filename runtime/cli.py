@@ -93,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(demo)
     _add_generation_flags(demo)
 
+    qz = sub.add_parser("quantize", help="add a quantized build (fp16, int8, q4, ...) to a bundle (needs [export])",
+                        description="Add quantized graphs to a bundle under transformers.js suffixes and record them "
+                                    "in manifest.json. Recipes and their options: `smolvlm-edge quantize --list`.")
+    qz.add_argument("--bundle", help="exported bundle folder")
+    qz.add_argument("--recipe", help="fp16, q4f16, int8, uint8, quantized, q4, bnb4, qdq")
+    for flag in ("vision", "embed", "decoder"):
+        qz.add_argument(f"--{flag}", help=f"recipe for the {flag} graph instead of the preset, or 'none'")
+    qz.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                    help="a recipe option, e.g. algorithm=hqq, block_size=32, lm_head_bits=8 (see --list)")
+    qz.add_argument("--calibration-images", nargs="+", default=[], help="images for calibrated recipes (qdq)")
+    qz.add_argument("--calibration-prompts", nargs="+", default=[], help="prompts for calibrated recipes (qdq, gptq)")
+    qz.add_argument("--overwrite", action="store_true", help="replace a build of the same precision")
+    qz.add_argument("--list", action="store_true", help="list recipes and their options, then exit")
+
     par = sub.add_parser("parity", help="measure how far a build drifts from PyTorch and from fp32 (report + exit code)",
                          description="Compare one precision of a bundle with the PyTorch original (the manifest's "
                                      "source checkpoint, or --reference) and with the fp32 build: per-graph errors, "
@@ -167,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             from smolvlm_edge.export.api import export_checkpoint
             export_checkpoint(args.model, args.output, overwrite=args.overwrite,
                               verify=not args.no_verify, opset=args.opset)
+        elif args.command == "quantize":
+            _require_export_extra()
+            return run_quantize_command(args)
         elif args.command == "parity":
             return run_parity_command(args)
         elif args.command == "demo":
@@ -180,6 +197,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def parse_option(text: str):
+    """NAME=VALUE with VALUE read as an int, a bool, none, or a string."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise SmolVLMEdgeError(f"bad --option {text!r}: use NAME=VALUE, e.g. algorithm=hqq")
+    value = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    return name.strip(), value
+
+
+def run_quantize_command(args) -> int:
+    from smolvlm_edge.quantize.build import quantize_bundle
+    from smolvlm_edge.quantize.recipes import RECIPES
+
+    if args.list:
+        for name, recipe in RECIPES.items():
+            print(f"{name} (suffix {recipe.suffix!r})")
+            for key, opt in recipe.option_table().items():
+                print(f"  {key} = {opt.default!r}: {opt.doc}")
+        return 0
+    if not args.bundle or not args.recipe:
+        raise SmolVLMEdgeError("quantize needs --bundle DIR and --recipe NAME (or --list)")
+    graphs = {g: r for g, r in (("vision", args.vision), ("embed", args.embed), ("decoder", args.decoder)) if r}
+    quantize_bundle(args.bundle, args.recipe, graphs=graphs or None, options=dict(map(parse_option, args.option)),
+                    calibration_images=tuple(args.calibration_images),
+                    calibration_prompts=tuple(args.calibration_prompts), overwrite=args.overwrite)
+    return 0
 
 
 def run_parity_command(args) -> int:

@@ -45,9 +45,39 @@ def test_providers_lists_cpu(capsys):
     assert "cpu" in capsys.readouterr().out.split()
 
 
-@pytest.mark.parametrize("command", ["export", "run", "demo", "providers"])
+@pytest.mark.parametrize("command", ["export", "run", "demo", "providers", "quantize", "parity"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args([command, "--help"])
     assert exc.value.code == 0
     assert "usage: smolvlm-edge" in capsys.readouterr().out
+
+
+def test_quantize_then_run_and_check_parity(capsys, tiny_bundles, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles("256m"), bundle)
+    assert main(["quantize", "--bundle", str(bundle), "--recipe", "q4", "--option", "algorithm=rtn",
+                 "--option", "lm_head_bits=8"]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["graphs"]["decoder_model_merged"]["q4"]["options"]["lm_head_bits"] == 8
+    capsys.readouterr()
+    assert main(["run", "--model-dir", str(bundle), "--precision", "vision=q4,decoder=q4", "--prompt", "hi",
+                 "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"]
+    assert main(["parity", "--bundle", str(bundle), "--precision", "q4", "--new-tokens", "4",
+                 "--output-dir", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "parity_q4.json").read_text())["passed"]
+
+
+def test_quantize_refuses_unknown_option(capsys, tiny_bundles, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles("256m"), bundle)
+    before = sorted(p.name for p in (bundle / "onnx").iterdir())
+    code = main(["quantize", "--bundle", str(bundle), "--recipe", "q4", "--option", "colour=blue"])
+    err = capsys.readouterr().err
+    assert code == 2 and "colour" in err and "block_size" in err
+    assert sorted(p.name for p in (bundle / "onnx").iterdir()) == before
