@@ -1,0 +1,175 @@
+"""The qdq recipe on the tiny 256m bundle: full-frame vision graph, accuracy against fp32, and the QNN HTP simulator.
+
+Floors (measured on the tiny 256m checkpoint, held-out inputs, A16W8 minmax):
+  vision features cosine 0.99985-0.99990 on CPU; HTP vs the same graph on CPU 0.99997 -> floors 0.999 / 0.9999
+  embed_tokens cosine 1.000000 (uint16 table: Gather shares its input's scale)     -> floor 0.9999
+  decoder logits cosine 0.993-0.996 on held-out prompts of 15-61 tokens (0.98 with shorter calibration
+  prompts; random weights of std 0.3 are harsh: int8 dynamic gets 0.9958)              -> floor 0.98
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_image
+
+VISION_COSINE_MIN = 0.999
+HTP_VS_CPU_COSINE_MIN = 0.9999
+EMBED_COSINE_MIN = 0.9999
+DECODER_COSINE_MIN = 0.98
+DATA_DEPENDENT_OPS = {"Equal", "GatherND", "Compress", "IsNaN", "Where", "NonZero"}
+
+
+@dataclass(frozen=True)
+class Context:  # what quantize_qdq reads (the build passes recipes.QuantizeContext)
+    bundle: Path
+    calibration_images: tuple = ()
+    calibration_prompts: tuple = ()
+
+
+def cosine(a, b) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def cpu(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def built(tiny_bundles, tmp_path_factory):
+    """A copy of the tiny 256m bundle, calibration images, and the three qdq graphs written beside it."""
+    from smolvlm_edge.quantize.qdq import quantize_qdq
+
+    root = tmp_path_factory.mktemp("qdq")
+    bundle = Path(shutil.copytree(tiny_bundles("256m"), root / "bundle"))  # the session's bundle stays as built
+    images = []
+    for i, (w, h) in enumerate([(640, 480), (300, 500), (512, 512)]):
+        images.append(root / f"calib{i}.png")
+        make_image(w, h, seed=i).save(images[-1])
+    prompts = ("Describe the picture in one sentence.", "What is the capital of France? Answer briefly.",
+               "Write a haiku about the sea.")  # 30-46 tokens once templated
+    context = Context(bundle, tuple(images), prompts)
+    graphs, infos = {}, {}
+    for graph in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
+        graphs[graph] = root / f"{graph}_qdq.onnx"
+        infos[graph] = quantize_qdq(bundle / "onnx" / f"{graph}.onnx", graphs[graph], graph, {}, context)
+    return {"bundle": bundle, "context": context, "graphs": graphs, "infos": infos, "root": root}
+
+
+@pytest.fixture(scope="module")
+def frame(built):
+    """A held-out image as the runtime makes it: one full frame [1, 1, 3, 512, 512] and its mask."""
+    from smolvlm_edge.runtime.images import ImageProcessor
+
+    out = ImageProcessor.from_dir(built["bundle"])([[make_image(700, 420, seed=11)]], do_image_splitting=False)
+    return {"pixel_values": out.pixel_values, "pixel_attention_mask": out.pixel_attention_mask}
+
+
+@pytest.fixture(scope="module")
+def fp32_features(built, frame):
+    return cpu(built["bundle"] / "onnx" / "vision_encoder.onnx").run(["image_features"], frame)[0]
+
+
+def test_vision_graph_is_a_static_full_frame_graph(built):
+    import onnx
+
+    model = onnx.load(built["graphs"]["vision_encoder"])
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.input, *model.graph.output]}
+    assert shapes == {"pixel_values": [1, 1, 3, 512, 512], "pixel_attention_mask": [1, 1, 512, 512],
+                      "image_features": [1, 64, 64]}
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & DATA_DEPENDENT_OPS, ops
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul", "Softmax"} <= ops
+    info = built["infos"]["vision_encoder"]
+    assert info["full_frame"] and info["full_frame_max_abs_diff"] <= 1e-4 and info["opset"] == 21
+
+
+def test_vision_features_close_to_fp32_on_cpu(built, frame, fp32_features):
+    features = cpu(built["graphs"]["vision_encoder"]).run(["image_features"], frame)[0]
+    assert features.shape == fp32_features.shape == (1, 64, 64)
+    assert cosine(features, fp32_features) >= VISION_COSINE_MIN
+
+
+def test_embed_and_decoder_close_to_fp32(built):
+    from smolvlm_edge.quantize.calibration import decoder_feeds
+
+    ids = {"input_ids": np.array([[5, 17, 3, 99, 42, 7]], dtype=np.int64)}
+    embed = {p: cpu(p).run(None, ids)[0] for p in (built["bundle"] / "onnx/embed_tokens.onnx",
+                                                   built["graphs"]["embed_tokens"])}
+    assert cosine(*embed.values()) >= EMBED_COSINE_MIN
+    feed = decoder_feeds(built["bundle"], ["Tell me a story about a cat."])[0]  # not a calibration prompt
+    logits = [cpu(p).run(["logits"], feed)[0] for p in (built["bundle"] / "onnx/decoder_model_merged.onnx",
+                                                         built["graphs"]["decoder_model_merged"])]
+    assert logits[0].shape == logits[1].shape
+    assert cosine(*logits) >= DECODER_COSINE_MIN
+    assert built["infos"]["decoder_model_merged"]["float_nodes"] > 0  # attention mask and rotary angles
+
+
+def test_dynamic_build_keeps_the_contract_graph(built, tmp_path):
+    from smolvlm_edge.quantize.qdq import quantize_qdq
+
+    dst = tmp_path / "vision_dynamic.onnx"
+    info = quantize_qdq(built["bundle"] / "onnx/vision_encoder.onnx", dst, "vision_encoder",
+                        {"fixed_batch": False, "activations": "uint8", "qnn_preprocess": False}, built["context"])
+    assert "full_frame" not in info and info["opset"] == 18
+    frames = np.zeros((2, 2, 3, 512, 512), dtype=np.float32)  # batch 2; the second prompt's image is padding
+    frames[:, 0] = np.random.default_rng(0).uniform(-1, 1, (2, 3, 512, 512))
+    mask = np.ones((2, 2, 512, 512), dtype=bool)
+    features = cpu(dst).run(["image_features"], {"pixel_values": frames, "pixel_attention_mask": mask})[0]
+    assert features.shape == (2, 64, 64)  # padding frames still dropped inside the graph
+
+
+def test_bad_requests_are_refused(built, tmp_path):
+    from smolvlm_edge.quantize import QuantizeError
+    from smolvlm_edge.quantize.qdq import quantize_qdq
+
+    src = built["bundle"] / "onnx/vision_encoder.onnx"
+    with pytest.raises(QuantizeError, match="calibration images"):
+        quantize_qdq(src, tmp_path / "v.onnx", "vision_encoder", {}, Context(built["bundle"]))
+    with pytest.raises(QuantizeError, match="unknown option bits"):
+        quantize_qdq(src, tmp_path / "v.onnx", "vision_encoder", {"bits": 4}, built["context"])
+    with pytest.raises(QuantizeError, match="must be one of"):
+        quantize_qdq(src, tmp_path / "v.onnx", "vision_encoder", {"activations": "int4"}, built["context"])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def qnn():
+    from smolvlm_edge.quantize.qnn import qnn_available
+
+    ok, reason = qnn_available()
+    if not ok:
+        pytest.skip(f"QNN HTP simulator unavailable: {reason}")
+    return reason
+
+
+def test_vision_runs_on_htp_without_cpu_fallback(qnn, built, frame, fp32_features):
+    from smolvlm_edge.quantize.qnn import make_qnn_session
+
+    path = built["graphs"]["vision_encoder"]
+    session = make_qnn_session(path, fallback=False)
+    htp = session.run(["image_features"], frame)[0]
+    on_cpu = cpu(path).run(["image_features"], frame)[0]
+    assert cosine(htp, on_cpu) >= HTP_VS_CPU_COSINE_MIN
+    assert cosine(htp, fp32_features) >= VISION_COSINE_MIN
+
+
+def test_htp_coverage_lists_taken_and_refused_op_types(qnn, built):
+    from smolvlm_edge.quantize.qnn import htp_coverage
+
+    vision = htp_coverage(built["graphs"]["vision_encoder"])
+    assert vision["error"] is None and vision["refused"] == {} and vision["htp_fraction"] == 1.0
+    assert vision["htp_partitions"] == 1
+    assert {"Conv", "MatMul", "Softmax", "LayerNormalization", "Tanh", "QuantizeLinear"} <= set(vision["taken"])
+    # The decoder keeps dynamic sequence axes: HTP refuses it, and says why.
+    decoder = htp_coverage(built["graphs"]["decoder_model_merged"])
+    assert decoder["htp_fraction"] < 0.5 and {"MatMul", "Softmax"} <= set(decoder["refused"])
+    assert any("shape" in r.lower() for reasons in decoder["refused_reasons"].values() for r in reasons)
