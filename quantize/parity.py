@@ -34,15 +34,8 @@ class OnnxBuild:
         self.vlm = SmolVLM(bundle, precision=precision, threads=threads)
 
     def image_features(self, pixel_values, pixel_attention_mask):
-        # One frame per call: NPU-style builds take a fixed batch of one full frame.
-        rows = []
-        for b in range(pixel_values.shape[0]):
-            for n in range(pixel_values.shape[1]):
-                feed = {"pixel_values": pixel_values[b:b + 1, n:n + 1], "pixel_attention_mask": pixel_attention_mask[b:b + 1, n:n + 1]}
-                names = {i.name for i in self.vlm.vision.get_inputs()}
-                out = self.vlm.vision.run(["image_features"], {k: v for k, v in feed.items() if k in names})[0]
-                rows.append(out.reshape(-1, out.shape[-1]))
-        return np.concatenate(rows, axis=0)
+        features = self.vlm.run_vision(pixel_values, pixel_attention_mask)
+        return features.reshape(-1, features.shape[-1])
 
     def embeddings(self, ids):
         return self.vlm.embed(ids)

@@ -107,6 +107,24 @@ class SmolVLM:
             return self.text.render(self.text.messages_for(prompt, 0 if placed else num_images))
         return self.text.render(prompt)
 
+    def run_vision(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
+        """Image features [real frames, tokens, D]; a graph fixed to one frame (NPU builds) gets one call per frame."""
+        inputs = self.vision.get_inputs()
+        names = {i.name for i in inputs}
+        fixed_one_frame = list(inputs[0].shape[:2]) == [1, 1]
+        if fixed_one_frame:
+            frames = pixel_values.reshape(-1, 1, 1, *pixel_values.shape[2:])
+            masks = pixel_attention_mask.reshape(-1, 1, 1, *pixel_attention_mask.shape[2:])
+            real = [i for i in range(frames.shape[0]) if frames[i].any()]  # all-zero frames are padding
+            feeds = [(frames[i], masks[i]) for i in real]
+        else:
+            feeds = [(pixel_values, pixel_attention_mask)]
+        outputs = []
+        for pixels, mask in feeds:
+            feed = {"pixel_values": pixels.astype(np.float32), "pixel_attention_mask": mask.astype(bool)}
+            outputs.append(self.vision.run(["image_features"], {k: v for k, v in feed.items() if k in names})[0])
+        return np.concatenate(outputs, axis=0)
+
     def prompt_embeddings(self, inputs: PreparedInputs, timings: Timings) -> np.ndarray:
         """Token embeddings with image features written over the `<image>` positions. [B, T, D]"""
         embeds = self.embed(inputs.input_ids)
@@ -116,10 +134,7 @@ class SmolVLM:
                 raise PromptError(f"the prompt has {int(slots.sum())} image tokens but no image was given")
             return embeds
         t0 = time.perf_counter()
-        features = self.vision.run(["image_features"], {
-            "pixel_values": inputs.pixel_values.astype(np.float32),
-            "pixel_attention_mask": inputs.pixel_attention_mask.astype(bool),
-        })[0]                                                                 # [frames, tokens, D]
+        features = self.run_vision(inputs.pixel_values, inputs.pixel_attention_mask)  # [frames, tokens, D]
         timings.vision_ms = 1000 * (time.perf_counter() - t0)
         flat = features.reshape(-1, features.shape[-1])
         if flat.shape[0] != int(slots.sum()):

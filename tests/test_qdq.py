@@ -173,3 +173,26 @@ def test_htp_coverage_lists_taken_and_refused_op_types(qnn, built):
     decoder = htp_coverage(built["graphs"]["decoder_model_merged"])
     assert decoder["htp_fraction"] < 0.5 and {"MatMul", "Softmax"} <= set(decoder["refused"])
     assert any("shape" in r.lower() for reasons in decoder["refused_reasons"].values() for r in reasons)
+
+
+def test_runtime_feeds_a_one_frame_graph_frame_by_frame(tiny_bundles, tmp_path):
+    """A split image (several frames) through the qdq vision build, which takes exactly one frame."""
+    import shutil
+
+    from conftest import make_image
+    from smolvlm_edge.quantize.build import quantize_bundle
+    from smolvlm_edge.runtime import SmolVLM
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles("256m"), bundle)
+    calib = tmp_path / "calib.png"
+    make_image(300, 200, seed=11).save(calib)
+    quantize_bundle(bundle, "qdq", graphs={"vision": "qdq", "embed": "none", "decoder": "none"},
+                    calibration_images=(calib,), calibration_prompts=("Describe the picture.",),
+                    progress=lambda line: None)
+    image = make_image(700, 300, seed=12)  # splits into tiles plus the global frame
+    fp32 = SmolVLM(bundle).generate("What is this?", [image], max_new_tokens=2, do_sample=False)
+    qdq = SmolVLM(bundle, precision={"vision_encoder": "qdq", "embed_tokens": "fp32",
+                                     "decoder_model_merged": "fp32"}).generate("What is this?", [image],
+                                                                             max_new_tokens=2, do_sample=False)
+    assert qdq.prompt_ids == fp32.prompt_ids and len(qdq.token_ids) >= 1
