@@ -249,13 +249,14 @@ def run_parity_command(args) -> int:
 
 
 def _require_export_extra() -> None:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
+    """Fail early, with the install line, when the export extra is missing (without importing it)."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
         raise SmolVLMEdgeError(
-            f"this command needs the export extra ({exc.name} is not installed): pip install 'smolvlm-edge[export]'"
-        ) from exc
+            f"this command needs the export extra ({', '.join(missing)} not installed): pip install 'smolvlm-edge[export]'"
+        )
 
 
 if __name__ == "__main__":
