@@ -184,7 +184,7 @@ def _build(bundle: Bundle, step: Step, context: QuantizeContext, staging: Path, 
         raise QuantizeError(f"recipe {step.precision} returned info that is not JSON: {exc}") from exc
     if not dst.is_file():
         raise QuantizeError(f"recipe {step.precision} wrote no {dst.name} for {step.graph}")
-    _check_io(dst, source, step)
+    shapes = _check_io(dst, source, step)
     seconds = time.perf_counter() - started
     files = sorted(p.name for p in work.iterdir())
     extra = [f for f in files if f != dst.name]
@@ -193,8 +193,9 @@ def _build(bundle: Bundle, step: Step, context: QuantizeContext, staging: Path, 
     entry = {
         "file": f"onnx/{dst.name}",
         "external_data": f"onnx/{extra[0]}" if len(extra) == 1 else (None if not extra else [f"onnx/{f}" for f in extra]),
-        "inputs": source["inputs"],
-        "outputs": source["outputs"],
+        # Names and dtypes are the fp32 graph's; shapes are the new graph's own (NPU builds fix some axes).
+        "inputs": [dict(t, shape=shapes[t["name"]]) for t in source["inputs"]],
+        "outputs": [dict(t, shape=shapes[t["name"]]) for t in source["outputs"]],
         "recipe": step.precision,
         "source": "fp32",
         "options": step.options,
@@ -206,8 +207,11 @@ def _build(bundle: Bundle, step: Step, context: QuantizeContext, staging: Path, 
     return {"graph": step.graph, "precision": step.precision, "work": work, "files": files, "entry": entry}
 
 
-def _check_io(path: Path, source: dict, step: Step) -> None:
-    """The new graph loads in onnxruntime and keeps the fp32 graph's input and output names and types."""
+def _check_io(path: Path, source: dict, step: Step) -> dict:
+    """The new graph loads in onnxruntime and keeps the fp32 graph's input and output names and types.
+
+    Returns each input's and output's declared shape in the new graph.
+    """
     import onnxruntime as ort
 
     from smolvlm_edge.runtime.providers import make_session
@@ -220,6 +224,7 @@ def _check_io(path: Path, source: dict, step: Step) -> None:
     got = {v.name: v.type for v in list(session.get_inputs()) + list(session.get_outputs())}
     if got != want:
         raise QuantizeError(f"the {step.precision} {step.graph} changed its inputs/outputs: {got} != {want}")
+    return {v.name: list(v.shape) for v in list(session.get_inputs()) + list(session.get_outputs())}
 
 
 _ORT_TYPES = {"float32": "float", "int64": "int64", "bool": "bool", "float16": "float16"}

@@ -196,3 +196,21 @@ def test_runtime_feeds_a_one_frame_graph_frame_by_frame(tiny_bundles, tmp_path):
                                      "decoder_model_merged": "fp32"}).generate("What is this?", [image],
                                                                              max_new_tokens=2, do_sample=False)
     assert qdq.prompt_ids == fp32.prompt_ids and len(qdq.token_ids) >= 1
+
+
+def test_manifest_records_the_one_frame_shape_of_the_qdq_vision_graph(tiny_bundles, tmp_path):
+    import json
+    import shutil
+
+    from conftest import make_image
+    from smolvlm_edge.quantize.build import quantize_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles("256m"), bundle)
+    calib = tmp_path / "calib.png"
+    make_image(256, 256, seed=13).save(calib)
+    quantize_bundle(bundle, "qdq", graphs={"vision": "qdq", "embed": "none", "decoder": "none"},
+                    calibration_images=(calib,), progress=lambda line: None)
+    entry = json.loads((bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["qdq"]
+    pixel = next(t for t in entry["inputs"] if t["name"] == "pixel_values")
+    assert pixel["shape"][:2] == [1, 1] and pixel["dtype"] == "float32"
