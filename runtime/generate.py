@@ -97,9 +97,10 @@ def generate_tokens(
 
     # Prefill: the whole prompt at once, from an empty cache.               # [B, T, D]
     t0 = time.perf_counter()
-    logits, cache = decoder(prompt_embeds, attention_mask, position_ids_for(attention_mask), decoder.empty_cache(batch))
+    positions = position_ids_for(attention_mask)                            # [B, T]
+    logits, cache = decoder(prompt_embeds, attention_mask, positions, decoder.empty_cache(batch))
     timings.prefill_ms = 1000 * (time.perf_counter() - t0)
-    positions = position_ids_for(attention_mask)[:, -1:]
+    positions = positions[:, -1:]
 
     decode_started = None
     for step in range(settings.max_new_tokens):

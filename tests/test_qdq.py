@@ -175,42 +175,41 @@ def test_htp_coverage_lists_taken_and_refused_op_types(qnn, built):
     assert any("shape" in r.lower() for reasons in decoder["refused_reasons"].values() for r in reasons)
 
 
-def test_runtime_feeds_a_one_frame_graph_frame_by_frame(tiny_bundles, tmp_path):
-    """A split image (several frames) through the qdq vision build, which takes exactly one frame."""
+@pytest.fixture(scope="module")
+def qdq_vision_bundle(tiny_bundles, tmp_path_factory):
+    """A copy of the tiny 256m bundle with a qdq vision build (one frame) beside its fp32 graphs."""
     import shutil
 
     from conftest import make_image
     from smolvlm_edge.quantize.build import quantize_bundle
-    from smolvlm_edge.runtime import SmolVLM
 
-    bundle = tmp_path / "bundle"
+    root = tmp_path_factory.mktemp("qdq-vision")
+    bundle = root / "bundle"
     shutil.copytree(tiny_bundles("256m"), bundle)
-    calib = tmp_path / "calib.png"
+    calib = root / "calib.png"
     make_image(300, 200, seed=11).save(calib)
     quantize_bundle(bundle, "qdq", graphs={"vision": "qdq", "embed": "none", "decoder": "none"},
                     calibration_images=(calib,), calibration_prompts=("Describe the picture.",),
                     progress=lambda line: None)
+    return bundle
+
+
+def test_runtime_feeds_a_one_frame_graph_frame_by_frame(qdq_vision_bundle):
+    """A split image (several frames) through the qdq vision build, which takes exactly one frame."""
+    from conftest import make_image
+    from smolvlm_edge.runtime import SmolVLM
+
     image = make_image(700, 300, seed=12)  # splits into tiles plus the global frame
-    fp32 = SmolVLM(bundle).generate("What is this?", [image], max_new_tokens=2, do_sample=False)
-    qdq = SmolVLM(bundle, precision={"vision_encoder": "qdq", "embed_tokens": "fp32",
-                                     "decoder_model_merged": "fp32"}).generate("What is this?", [image],
-                                                                             max_new_tokens=2, do_sample=False)
+    fp32 = SmolVLM(qdq_vision_bundle).generate("What is this?", [image], max_new_tokens=2, do_sample=False)
+    qdq = SmolVLM(qdq_vision_bundle, precision={"vision_encoder": "qdq", "embed_tokens": "fp32",
+                                                "decoder_model_merged": "fp32"}).generate(
+        "What is this?", [image], max_new_tokens=2, do_sample=False)
     assert qdq.prompt_ids == fp32.prompt_ids and len(qdq.token_ids) >= 1
 
 
-def test_manifest_records_the_one_frame_shape_of_the_qdq_vision_graph(tiny_bundles, tmp_path):
+def test_manifest_records_the_one_frame_shape_of_the_qdq_vision_graph(qdq_vision_bundle):
     import json
-    import shutil
 
-    from conftest import make_image
-    from smolvlm_edge.quantize.build import quantize_bundle
-
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundles("256m"), bundle)
-    calib = tmp_path / "calib.png"
-    make_image(256, 256, seed=13).save(calib)
-    quantize_bundle(bundle, "qdq", graphs={"vision": "qdq", "embed": "none", "decoder": "none"},
-                    calibration_images=(calib,), progress=lambda line: None)
-    entry = json.loads((bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["qdq"]
+    entry = json.loads((qdq_vision_bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["qdq"]
     pixel = next(t for t in entry["inputs"] if t["name"] == "pixel_values")
     assert pixel["shape"][:2] == [1, 1] and pixel["dtype"] == "float32"
