@@ -25,18 +25,24 @@ DEFAULT_ROWS = {
     "int8 (dynamic)": ("int8", {}),
     "int8 (weight-only)": ("int8", {"mode": "weight_only"}),
     "q4 (rtn)": ("q4", {"algorithm": "rtn"}),
-    "q4 (hqq)": ("q4", {"algorithm": "hqq"}),
-    "q4 (hqq, 8-bit lm_head)": ("q4", {"algorithm": "hqq", "lm_head_bits": 8}),
-    "q4f16 (hqq, 8-bit lm_head)": ("q4f16", {"algorithm": "hqq", "lm_head_bits": 8}),
+    "q4 (hqq, 4-bit lm_head and table)": ("q4", {"lm_head_bits": 4, "share_embeddings": False}),
+    "q4 (hqq)": ("q4", {}),
+    "q4f16 (hqq)": ("q4f16", {}),
+    "q4f16 (hqq; vision hqq, blocks of 32)": ("q4f16", {"vision": {"algorithm": "hqq", "block_size": 32}}),
 }
 
 
 def graph_sizes(bundle: Path, manifest: dict, precision: str) -> dict:
+    """MB on disk per graph; a file two graphs share (an embedding table) counts once, for its owner."""
     sizes = {}
     for graph in GRAPHS:
         entry = manifest["graphs"][graph].get(precision)
-        files = [entry["file"]] + ([entry["external_data"]] if entry and entry.get("external_data") else []) if entry else []
-        sizes[graph] = sum((bundle / f).stat().st_size for f in files) / 1e6 if files else None
+        if not entry:
+            sizes[graph] = None
+            continue
+        extra = entry.get("external_data") or []
+        files = [entry["file"], *([extra] if isinstance(extra, str) else extra)]
+        sizes[graph] = sum((bundle / f).stat().st_size for f in files if Path(f).name.startswith(graph)) / 1e6
     return sizes
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from smolvlm_edge.export import bundle, decoder, embed, vision
+from smolvlm_edge.export import bundle, decoder, embed, fused_decoder, vision
 from smolvlm_edge.export import verify as verification  # `verify` is also a parameter below
 from smolvlm_edge.export.graph import DEFAULT_EXTERNAL_DATA_THRESHOLD, DEFAULT_IR_VERSION, DEFAULT_OPSET
 from smolvlm_edge.runtime.errors import ExportError
@@ -16,6 +16,10 @@ SUPPORTED_MODEL_TYPES = ("idefics3", "smolvlm")
 # Export order; each module has spec(config) and export(model, folder, **options).
 GRAPHS = (vision, embed, decoder)
 PRECISION = "fp32"  # transformers.js suffix "" (quantized builds add their own entries)
+# The decoder's attention: "fused" (fused_decoder.py: GroupQueryAttention, in-place KV cache; rows without
+# left padding, which the runtime ensures) or "plain" (the dynamo export: ai.onnx ops only, any padding;
+# for providers without onnxruntime's contrib ops: NNAPI, CoreML, XNNPACK, QNN, and for batched transformers.js).
+ATTENTION = ("fused", "plain")
 _PACKAGES = ("smolvlm-edge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 
 
@@ -61,6 +65,7 @@ def export_checkpoint(
     opset: int = DEFAULT_OPSET,
     ir_version: int = DEFAULT_IR_VERSION,
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    attention: str = "fused",
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Export `model` to a bundle folder at `output` and return its path.
@@ -69,6 +74,8 @@ def export_checkpoint(
     above `external_data_threshold` bytes go to `*.onnx_data` beside their graph. Nothing is left
     at `output` (nor beside it) unless every step succeeds.
     """
+    if attention not in ATTENTION:
+        raise ExportError(f"attention={attention!r}: choose one of {', '.join(ATTENTION)}")
     model = os.fspath(model)
     output = Path(output).expanduser().absolute()
     bundle.refuse_existing(output, overwrite)  # before minutes of work, not after
@@ -85,15 +92,17 @@ def export_checkpoint(
             progress(f"warning: {line}")
         written = {}
         for graph in GRAPHS:
-            progress(f"exporting {graph.NAME} ...")
-            written[graph.NAME] = graph.export(torch_model, work / "onnx", **options)
+            progress(f"exporting {graph.NAME}{' (fused attention)' if _fused(graph, attention) else ''} ...")
+            exporter = fused_decoder.export if _fused(graph, attention) else graph.export
+            written[graph.NAME] = exporter(torch_model, work / "onnx", **options)
             progress(f"{graph.NAME}: exported in {written[graph.NAME].seconds:.1f} s")
 
         if verify:
             parity = {}
             for name, w in written.items():
                 progress(f"verifying {name} against PyTorch ...")
-                parity[name] = r = verification.verify_graph(name, torch_model, w.path)
+                parity[name] = r = verification.verify_graph(name, torch_model, w.path,
+                                                             unpadded_only=name == decoder.NAME and attention == "fused")
                 progress(f"{name}: max |diff| {r['max_abs_diff']:.2e}, mean {r['mean_abs_diff']:.2e}, "
                          f"tolerance {r['tolerance']:.2e} -> {'ok' if r['passed'] else 'FAILED'}")
             verification.check(parity)
@@ -101,16 +110,22 @@ def export_checkpoint(
             progress("WARNING: verification skipped (--no-verify): these graphs were NOT compared with PyTorch")
             parity = {"skipped": "--no-verify"}
 
-        bundle.write_manifest(work, _manifest(model, torch_model, written, parity, opset, ir_version))
+        bundle.write_manifest(work, _manifest(model, torch_model, written, parity, opset, ir_version, attention))
     progress(f"bundle written to {output}")
     return output
 
 
-def _manifest(model: str, torch_model, written: dict, parity: dict, opset: int, ir_version: int) -> dict:
+def _fused(graph, attention: str) -> bool:
+    return graph is decoder and attention == "fused"
+
+
+def _manifest(model: str, torch_model, written: dict, parity: dict, opset: int, ir_version: int,
+              attention: str) -> dict:
     config = torch_model.config
     text = decoder.text_geometry(config)
     text.update(past_key_name=decoder.PAST_KEY, past_value_name=decoder.PAST_VALUE,
-                present_key_name=decoder.PRESENT_KEY, present_value_name=decoder.PRESENT_VALUE)
+                present_key_name=decoder.PRESENT_KEY, present_value_name=decoder.PRESENT_VALUE,
+                attention=attention)
     graphs = {}
     for name, w in written.items():
         folder = w.path.parent.parent

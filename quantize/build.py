@@ -88,7 +88,7 @@ def plan(recipe: str, graphs: dict[str, str] | None = None, options: dict | None
         if graph in active:
             r = active[graph]
             given = {**{k: v for k, v in shared.items() if k in tables[r.name]}, **per_graph.get(graph, {})}
-            resolved = r.resolve_options(given)
+            resolved = r.resolve_options(given, graph)
             steps.append(Step(graph, r, resolved, r.calibration(graph, resolved)))
     return steps
 
@@ -133,6 +133,7 @@ def quantize_bundle(
     staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=onnx_dir))
     try:
         built = [_build(bundle, step, context, staging, progress) for step in steps]
+        _share_tables(bundle, steps, built, progress)
         if (bundle.path / MANIFEST).read_bytes() != manifest_bytes:
             raise QuantizeError(f"{bundle.path / MANIFEST} changed while quantizing; nothing was added, try again")
         _commit(bundle, built, staging)
@@ -144,6 +145,22 @@ def quantize_bundle(
     return {"bundle": str(bundle.path), "recipe": recipe,
             "graphs": {b["graph"]: {"precision": b["precision"], **b["entry"]} for b in built},
             "total_bytes": total}
+
+
+def _share_tables(bundle: Bundle, steps: list[Step], built: list[dict], progress) -> None:
+    """Let the embed build read the decoder's 8-bit lm_head (quantize/shared_table.py) when its recipe asks to."""
+    from .shared_table import share_embedding_table
+
+    by_graph = {b["graph"]: b for b in built}
+    embed, decoder = by_graph.get("embed_tokens"), by_graph.get("decoder_model_merged")
+    wanted = any(s.graph == "embed_tokens" and s.options.get("share_embeddings") for s in steps)
+    if not (wanted and embed and decoder and embed["precision"] == decoder["precision"]):
+        return
+    with _quiet():
+        try:
+            share_embedding_table(embed, decoder, bundle.graph_file("embed_tokens", "fp32"), progress)
+        except Exception as exc:
+            raise QuantizeError(f"sharing the embedding table with the lm_head failed: {type(exc).__name__}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -236,12 +253,23 @@ def _commit(bundle: Bundle, built: list[dict], staging: Path) -> None:
     manifest = json.loads((bundle.path / MANIFEST).read_text())
     backups, moved = [], []
     tmp = bundle.path / f"{MANIFEST}.tmp"
+    rebuilt = {(b["graph"], b["precision"]) for b in built}
+    kept = {rel: (graph, precision) for graph, entries in manifest["graphs"].items()
+            for precision, entry in entries.items() if (graph, precision) not in rebuilt for rel in _entry_files(entry)}
+    for b in built:  # a build that stays must not lose (or see replaced) a file it shares
+        for name in b["files"]:
+            if f"onnx/{name}" in kept:
+                graph, precision = kept[f"onnx/{name}"]
+                raise QuantizeError(f"the {precision} {graph} shares onnx/{name}, which this build would replace; "
+                                    f"rebuild {graph} too")
     try:
         for b in built:
             old = manifest["graphs"][b["graph"]].get(b["precision"])
             for rel in _entry_files(old):  # an overwritten build: its files leave the table
+                if rel in kept:
+                    continue
                 manifest["files"].pop(rel, None)
-                if (bundle.path / rel).exists() and Path(rel).name not in b["files"]:
+                if (bundle.path / rel).exists() and Path(rel).name not in b["files"] and rel not in _built_files(built):
                     backup = staging / f"replaced-{Path(rel).name}"
                     os.replace(bundle.path / rel, backup)
                     backups.append((bundle.path / rel, backup))
@@ -265,6 +293,10 @@ def _commit(bundle: Bundle, built: list[dict], staging: Path) -> None:
             os.replace(backup, final)
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _built_files(built: list[dict]) -> set[str]:
+    return {f"onnx/{name}" for b in built for name in b["files"]}
 
 
 def _entry_files(entry: dict | None) -> list[str]:

@@ -185,7 +185,9 @@ def _dynamic(src: Path, dst: Path, options: dict, weight_type: str) -> dict:
     quantize_dynamic(model, dst, op_types_to_quantize=["MatMul", "Gather"], per_channel=options["per_channel"],
                      reduce_range=options["reduce_range"],
                      weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
-                     use_external_data_format=large, extra_options={"MatMulConstBOnly": True})
+                     use_external_data_format=large,
+                     # onnx shape inference cannot type the outputs of contrib ops (the fused decoder)
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
     if large:  # onnxruntime names it `<file>.data`; bundles use `<stem>.onnx_data`
         written = onnx.load(str(dst), load_external_data=False)
         for tensor in written.graph.initializer:
@@ -204,7 +206,11 @@ def _weight_only_8bit(src: Path, dst: Path, options: dict, weight_type: str) -> 
     if options["per_channel"] or options["reduce_range"]:
         raise QuantizeError(f"per_channel and reduce_range are options of {weight_type} mode=dynamic, not of weight_only")
     block, symmetric = options["block_size"] or 32, weight_type == "int8"
-    model = _nbits(load(src), 8, block, symmetric, 0, "rtn", [])
+    model = load(src)
+    if symmetric:
+        matmuls_8bit(model, _const_matmul_names(model), block)
+    else:
+        model = _nbits(model, 8, block, False, 0, "rtn", [])
     gathers = quantize_gathers(model, 8, block, symmetric)
     save(model, dst)
     return {"weights": weight_type, "mode": "weight_only", "block_size": block, "activations": "float32",
@@ -260,16 +266,60 @@ def q4_model(model: onnx.ModelProto, graph: str, options: dict, context: Quantiz
     else:
         model = _nbits(model, 4, block, symmetric, level, algorithm, exclude)
     if eight_bit_head:
-        model = _nbits(model, 8, block, True, level, "rtn", [])
+        matmuls_8bit(model, [head], _LM_HEAD_BLOCK)
     _set_accuracy_level(model, level)
     info.update(matmuls_quantized=_count(model, "MatMulNBits"), matmuls_float=_const_matmuls(model),
                 lm_head=(None if head is None else "int8 MatMulNBits" if eight_bit_head else f"int4 {algorithm}"))
     return model, info
 
 
-def _const_matmuls(model: onnx.ModelProto) -> int:
+def _const_matmul_names(model: onnx.ModelProto) -> list[str]:
     inits = _initializers(model)
-    return sum(n.op_type == "MatMul" and n.input[1] in inits for n in model.graph.node)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2]
+
+
+def _const_matmuls(model: onnx.ModelProto) -> int:
+    return len(_const_matmul_names(model))
+
+
+# The 8-bit lm_head keeps blocks of 32 whatever the 4-bit block size: its scales cost 6 % of its size,
+# and GGUF's Q8_0 (how llama.cpp ships tied embeddings) uses the same blocks.
+_LM_HEAD_BLOCK = 32
+
+
+def matmuls_8bit(model: onnx.ModelProto, names: list[str], block: int) -> int:
+    """MatMuls with a constant [K, N] weight -> MatMulNBits bits=8, symmetric, in place.
+
+    Symmetric 8-bit here is the restricted range [-127, 127] (scale = max|w| / 127, default zero
+    point 128): onnxruntime's own 8-bit quantizer maps the extreme to -128, which misses a grid that
+    already is 8-bit symmetric (a Q8_0 embedding) by up to half a step everywhere.
+    """
+    inits, wanted, done = _initializers(model), set(names), 0
+    nodes = []
+    for node in model.graph.node:
+        if node.name not in wanted:
+            nodes.append(node)
+            continue
+        tensor = inits[node.input[1]]
+        weight = numpy_helper.to_array(tensor)
+        k, n = weight.shape
+        padded = np.zeros((n, -(-k // block) * block), dtype=np.float32)
+        padded[:, :k] = weight.T
+        codes, scales, _ = block_quantize(padded, 8, block, symmetric=True)
+        codes = codes.reshape(n, -1, block)
+        b_name, s_name = f"{tensor.name}_Q8", f"{tensor.name}_scales"
+        model.graph.initializer.remove(tensor)
+        model.graph.initializer.extend([numpy_helper.from_array(codes, b_name),
+                                        numpy_helper.from_array(scales.astype(weight.dtype), s_name)])
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], list(node.output),
+                                      name=f"{node.name}_Q8", domain="com.microsoft", K=k, N=n, bits=8,
+                                      block_size=block))
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _use_ms_domain(model)
+    return done
 
 
 def _nbits(model, bits: int, block: int, symmetric: bool, level: int, algorithm: str, exclude: list[str]):
@@ -302,8 +352,19 @@ def _gptq(model, feeds: list[dict], block: int, symmetric: bool, exclude: list[s
     config = {n.name: ("fp32" if n.name in exclude else
                        {"bits": 4, "group_size": block, "scheme": "sym" if symmetric else "asym", "algorithm": "GPTQ"})
               for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    return gptq_quantize(model, [(feed, None) for feed in feeds], weight_config=config, num_bits=4,
-                         group_size=block, scheme="sym" if symmetric else "asym", n_samples=-1).model
+    # Its graph walk needs every input consumed: set aside those no node reads (the fused decoder's
+    # position_ids, kept for the contract) and put them back in their place afterwards.
+    inputs = list(model.graph.input)
+    used = {name for n in model.graph.node for name in n.input}
+    unused = {i.name for i in inputs if i.name not in used}
+    del model.graph.input[:]
+    model.graph.input.extend(i for i in inputs if i.name not in unused)
+    feeds = [{k: v for k, v in feed.items() if k not in unused} for feed in feeds]
+    result = gptq_quantize(model, [(feed, None) for feed in feeds], weight_config=config, num_bits=4,
+                           group_size=block, scheme="sym" if symmetric else "asym", n_samples=-1).model
+    del result.graph.input[:]
+    result.graph.input.extend(inputs)
+    return result
 
 
 def _set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
@@ -319,11 +380,18 @@ def _set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
 def block_quantize(table: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """[V, D] floats -> (codes uint8 [V, D] in 0..2^bits-1, scales [V, D/block], zero points uint8 or None).
 
-    Symmetric uses the default zero point 2^(bits-1) and maps the block's largest magnitude to -2^(bits-1)."""
+    Symmetric uses the default zero point 2^(bits-1). At 4 bits it maps the block's largest magnitude to
+    -8 (MatMulNBits' convention: all 16 levels used); at 8 bits to +-127 (the usual restricted range,
+    GGUF's Q8_0 grid), which costs nothing measurable and reproduces 8-bit symmetric weights exactly."""
     v, d = table.shape
     blocks = table.astype(np.float32).reshape(v, d // block, block)
     levels, mid = 2**bits - 1, 2 ** (bits - 1)
-    if symmetric:
+    if symmetric and bits == 8:
+        scales = np.abs(blocks).max(-1) / (mid - 1)
+        safe = np.where(scales == 0, 1, scales)[..., None]
+        codes = np.clip(np.round(blocks / safe), 1 - mid, mid - 1) + mid
+        zeros = None
+    elif symmetric:
         lo, hi = blocks.min(-1), blocks.max(-1)
         extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)
         scales = extreme / -mid

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     ex.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch (not recommended)")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ex.add_argument("--attention", choices=("fused", "plain"), default="fused",
+                    help="decoder attention: fused (GroupQueryAttention, in-place KV cache; CPU/CUDA/WebGPU; default) "
+                         "or plain (standard ONNX ops, for NNAPI/CoreML/XNNPACK/QNN and left-padded batches)")
 
     run = sub.add_parser("run", help="answer a prompt about images with an exported bundle",
                          description="Run an exported bundle: images and a prompt in, text out.")
@@ -101,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("vision", "embed", "decoder"):
         qz.add_argument(f"--{flag}", help=f"recipe for the {flag} graph instead of the preset, or 'none'")
     qz.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                    help="a recipe option, e.g. algorithm=hqq, block_size=32, lm_head_bits=8 (see --list)")
+                    help="a recipe option, e.g. algorithm=hqq or lm_head_bits=8 (see --list); "
+                         "GRAPH.NAME=VALUE for one graph, e.g. vision.block_size=128")
     qz.add_argument("--calibration-images", nargs="+", default=[], help="images for calibrated recipes (qdq)")
     qz.add_argument("--calibration-prompts", nargs="+", default=[], help="prompts for calibrated recipes (qdq, gptq)")
     qz.add_argument("--overwrite", action="store_true", help="replace a build of the same precision")
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             _require_export_extra()
             from smolvlm_edge.export.api import export_checkpoint
             export_checkpoint(args.model, args.output, overwrite=args.overwrite,
-                              verify=not args.no_verify, opset=args.opset)
+                              verify=not args.no_verify, opset=args.opset, attention=args.attention)
         elif args.command == "quantize":
             _require_export_extra()
             return run_quantize_command(args)
@@ -219,11 +223,17 @@ def run_quantize_command(args) -> int:
             print(f"{name} (suffix {recipe.suffix!r})")
             for key, opt in recipe.option_table().items():
                 print(f"  {key} = {opt.default!r}: {opt.doc}")
+            for graph, defaults in (recipe.graph_defaults or {}).items():
+                print(f"  {graph} defaults: {', '.join(f'{k}={v!r}' for k, v in defaults.items())}")
         return 0
     if not args.bundle or not args.recipe:
         raise SmolVLMEdgeError("quantize needs --bundle DIR and --recipe NAME (or --list)")
     graphs = {g: r for g, r in (("vision", args.vision), ("embed", args.embed), ("decoder", args.decoder)) if r}
-    quantize_bundle(args.bundle, args.recipe, graphs=graphs or None, options=dict(map(parse_option, args.option)),
+    options: dict = {}
+    for name, value in map(parse_option, args.option):  # GRAPH.NAME=VALUE: an option for one graph only
+        graph, dot, key = name.rpartition(".")
+        (options.setdefault(graph, {}) if dot else options)[key] = value
+    quantize_bundle(args.bundle, args.recipe, graphs=graphs or None, options=options,
                     calibration_images=tuple(args.calibration_images),
                     calibration_prompts=tuple(args.calibration_prompts), overwrite=args.overwrite)
     return 0

@@ -8,11 +8,18 @@ from typing import Callable, Iterator
 import numpy as np
 import onnxruntime as ort
 
+from .errors import PromptError
 from .sampling import GenerationSettings, TokenChooser
 
 
 class Decoder:
-    """Runs `decoder_model_merged`: names of the cache come from the manifest, shapes from the session."""
+    """Runs `decoder_model_merged`: names of the cache come from the manifest, shapes from the session.
+
+    A plain graph takes the cache as growing tensors (past in, past + new out). A fused graph
+    (manifest text.attention == "fused": GroupQueryAttention) writes each step's keys and values
+    in place into buffers sized once per generation (`InPlaceCache`), so no step copies the cache;
+    it takes no left padding, so each row of a batch runs on its own cache.
+    """
 
     def __init__(self, session: ort.InferenceSession, text: dict):
         self.session = session
@@ -25,17 +32,84 @@ class Decoder:
         # [batch_size, kv_heads, past_sequence_length, head_dim]: heads and head size are fixed numbers.
         self.kv_heads, self.head_dim = int(first_past.shape[1]), int(first_past.shape[3])
         self.output_names = ["logits"] + [n for pair in self.present_names for n in pair]
+        self.fused = text.get("attention") == "fused"
+        self.max_length = int(text["max_position_embeddings"])
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
+    def empty_cache(self, batch: int, capacity: int = 0):
+        """An empty cache for `batch` rows; a fused graph's buffers hold `capacity` positions (grown if needed)."""
+        if self.fused:
+            return InPlaceCache(self, batch, min(capacity, self.max_length))
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
         return [empty] * (2 * len(self.past_names))
 
     def __call__(self, embeds, attention_mask, position_ids, cache):
         """embeds [B, T, D], attention_mask [B, past+T], position_ids [B, T] -> logits [B, T, V], new cache."""
+        if isinstance(cache, InPlaceCache):
+            return cache.run(embeds, attention_mask), cache
         feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
         feed.update(zip((n for pair in self.past_names for n in pair), cache))
         outputs = self.session.run(self.output_names, {k: v for k, v in feed.items() if k in self.input_names})
         return outputs[0], outputs[1:]
+
+
+class InPlaceCache:
+    """Per row: key/value buffers [1, kv_heads, capacity, head_dim] bound as both past and present."""
+
+    def __init__(self, decoder: Decoder, batch: int, capacity: int):
+        self.decoder = decoder
+        self.capacity = max(capacity, 1)
+        self.lengths = [0] * batch  # valid positions per row
+        self.arrays = [self._zeros(self.capacity) for _ in range(batch)]
+        self.values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in row] for row in self.arrays]
+
+    def _zeros(self, capacity: int) -> list[np.ndarray]:
+        shape = (1, self.decoder.kv_heads, capacity, self.decoder.head_dim)
+        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * len(self.decoder.past_names))]
+
+    def _grow(self, row: int, needed: int) -> None:
+        """Rare: a caller went past the capacity it asked for. Copy once into buffers twice as long."""
+        capacity = max(needed, 2 * self.arrays[row][0].shape[2])
+        if needed > self.decoder.max_length:
+            raise PromptError(f"the sequence needs {needed} positions; the model has {self.decoder.max_length}")
+        bigger = self._zeros(min(capacity, self.decoder.max_length))
+        for new, old in zip(bigger, self.arrays[row]):
+            new[:, :, :self.lengths[row]] = old[:, :, :self.lengths[row]]
+        self.arrays[row] = bigger
+        self.values[row] = [ort.OrtValue.ortvalue_from_numpy(a) for a in bigger]
+
+    def run(self, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        batch, steps = embeds.shape[:2]
+        logits = None
+        for row in range(batch):
+            new = attention_mask[row, -steps:]
+            start = int(steps - new.sum())  # left padding of this row (prefill only)
+            if not (new[:start] == 0).all() or not (new[start:] == 1).all() or \
+                    attention_mask[row, :-steps].sum() != self.lengths[row]:
+                raise ValueError("the fused decoder takes left padding only (mask rows of 0...0 1...1)")
+            out = self._run_row(row, embeds[row:row + 1, start:])
+            if logits is None:
+                logits = np.zeros((batch, steps, out.shape[-1]), dtype=out.dtype)
+            logits[row, start:] = out[0]
+        return logits
+
+    def _run_row(self, row: int, embeds: np.ndarray) -> np.ndarray:
+        decoder, steps = self.decoder, embeds.shape[1]
+        total = self.lengths[row] + steps
+        if total > self.arrays[row][0].shape[2]:
+            self._grow(row, total)
+        binding = decoder.session.io_binding()
+        binding.bind_output("logits")  # first: get_outputs() follows the binding order
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        if "position_ids" in decoder.input_names:  # declared by the contract, derived from the mask by GQA
+            binding.bind_cpu_input("position_ids", np.arange(self.lengths[row], total, dtype=np.int64)[None])
+        names = zip((n for pair in decoder.past_names for n in pair), (n for pair in decoder.present_names for n in pair))
+        for (past, present), value in zip(names, self.values[row]):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        decoder.session.run_with_iobinding(binding)
+        self.lengths[row] = total
+        return binding.get_outputs()[0].numpy()
 
 
 @dataclass
@@ -98,7 +172,8 @@ def generate_tokens(
     # Prefill: the whole prompt at once, from an empty cache.               # [B, T, D]
     t0 = time.perf_counter()
     positions = position_ids_for(attention_mask)                            # [B, T]
-    logits, cache = decoder(prompt_embeds, attention_mask, positions, decoder.empty_cache(batch))
+    cache = decoder.empty_cache(batch, capacity=attention_mask.shape[1] + settings.max_new_tokens)
+    logits, cache = decoder(prompt_embeds, attention_mask, positions, cache)
     timings.prefill_ms = 1000 * (time.perf_counter() - t0)
     positions = positions[:, -1:]
 

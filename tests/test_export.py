@@ -131,7 +131,10 @@ def test_graph_io_matches_contract(exported, graph):
         assert [t["name"] for t in entry["outputs"]][1:] == decoder.kv_names(text.num_hidden_layers, "present")
         kv = {t["name"]: t["shape"] for t in entry["inputs"][3:] + entry["outputs"][1:]}
         for name, shape in kv.items():
-            length = "past_sequence_length" if name.startswith("past") else "total_sequence_length"
+            # the fused graph's present has its buffer's length (the in-place cache), the plain one past + new
+            present = "present_sequence_length" if exported.manifest["text"]["attention"] == "fused" \
+                else "total_sequence_length"
+            length = "past_sequence_length" if name.startswith("past") else present
             assert shape == ["batch_size", text.num_key_value_heads, length, text.head_dim], name
     if graph == vision.NAME:
         size = exported.model.config.vision_config.image_size
@@ -205,12 +208,15 @@ def test_prefill_left_padded_with_empty_past_and_decode_step(exported):
 
     model, text = exported.model, exported.model.config.text_config
     session = exported.session(decoder.NAME)
-    (ids, mask, positions), (step_ids, step_mask, step_positions) = verify.decoder_steps(model.config, seed=3)
+    steps = verify.decoder_steps(model.config, seed=3)
+    if exported.manifest["text"]["attention"] == "fused":  # no left padding there: the unpadded row only
+        steps = [tuple(t[1:2] for t in step) for step in steps]
+    (ids, mask, positions), (step_ids, step_mask, step_positions) = steps
     cache = DynamicCache(config=text)
 
     embeds, ref = _reference_step(model, cache, ids, mask, positions)
     logits, present = _run_decoder(session, text, embeds.numpy(), mask.numpy(), positions.numpy())
-    assert all(p.shape == (2, text.num_key_value_heads, ids.shape[1], text.head_dim) for p in present)
+    assert all(p.shape == (len(ids), text.num_key_value_heads, ids.shape[1], text.head_dim) for p in present)
     real = mask.numpy().astype(bool)  # left-padding positions are never read; only attended ones count
     diff, bound = within(logits[real], ref[real], decoder.NAME)
     assert diff <= bound, f"prefill logits differ by {diff}"

@@ -43,12 +43,14 @@ def cpu(path):
 
 
 @pytest.fixture(scope="module")
-def built(tiny_bundles, tmp_path_factory):
-    """A copy of the tiny 256m bundle, calibration images, and the three qdq graphs written beside it."""
+def built(tiny_checkpoints, tmp_path_factory):
+    """A plain-attention export of the tiny 256m checkpoint, calibration images, and the three qdq graphs."""
+    from smolvlm_edge.export.api import export_checkpoint
     from smolvlm_edge.quantize.qdq import quantize_qdq
 
     root = tmp_path_factory.mktemp("qdq")
-    bundle = Path(shutil.copytree(tiny_bundles("256m"), root / "bundle"))  # the session's bundle stays as built
+    bundle = export_checkpoint(str(tiny_checkpoints("256m")), root / "bundle", attention="plain",
+                               progress=lambda line: None)  # NPU graphs are standard ops only
     images = []
     for i, (w, h) in enumerate([(640, 480), (300, 500), (512, 512)]):
         images.append(root / f"calib{i}.png")
@@ -213,3 +215,15 @@ def test_manifest_records_the_one_frame_shape_of_the_qdq_vision_graph(qdq_vision
     entry = json.loads((qdq_vision_bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["qdq"]
     pixel = next(t for t in entry["inputs"] if t["name"] == "pixel_values")
     assert pixel["shape"][:2] == [1, 1] and pixel["dtype"] == "float32"
+
+
+def test_qdq_refuses_a_fused_decoder(tiny_bundles, tmp_path):
+    from smolvlm_edge.quantize import QuantizeError
+    from smolvlm_edge.quantize.build import quantize_bundle
+
+    bundle = Path(shutil.copytree(tiny_bundles("256m"), tmp_path / "bundle"))
+    before = sorted(p.name for p in (bundle / "onnx").iterdir())
+    with pytest.raises(QuantizeError, match="GroupQueryAttention.*--attention plain"):
+        quantize_bundle(bundle, "qdq", graphs={"vision": "none", "decoder": "qdq"},
+                        calibration_prompts=("Hello there.",), progress=lambda line: None)
+    assert sorted(p.name for p in (bundle / "onnx").iterdir()) == before

@@ -133,9 +133,10 @@ def test_recipe_loads_generates_and_meets_thresholds(built, images, precision):
 
 
 @pytest.mark.parametrize("recipe, options", [
-    ("q4", {"algorithm": "rtn"}), ("q4", {"algorithm": "gptq"}), ("q4", {"embeddings_bits": 8}),
-    ("q4", {"lm_head_bits": 8}), ("int8", {"mode": "weight_only"}),
-], ids=["q4-rtn", "q4-gptq", "q4-8bit-embeddings", "q4-8bit-lm-head", "int8-weight-only"])
+    ("q4", {"algorithm": "rtn"}), ("q4", {"algorithm": "gptq"}),
+    ("q4", {"embeddings_bits": 8, "share_embeddings": False}), ("q4", {"lm_head_bits": 4, "share_embeddings": False}),
+    ("int8", {"mode": "weight_only"}),
+], ids=["q4-rtn", "q4-gptq", "q4-8bit-embeddings", "q4-4bit-lm-head", "int8-weight-only"])
 def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
     bundle = copy_bundle(tiny_bundles, "256m", tmp_path)
     quantize_bundle(bundle, recipe, options=options, calibration_images=images, calibration_prompts=PROMPTS,
@@ -145,11 +146,18 @@ def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
     assert {k: decoder["options"][k] for k in options} == options
     if recipe == "q4":
         assert decoder["info"]["algorithm"] == options.get("algorithm", "hqq")
-        head_bits = options.get("lm_head_bits", options.get("embeddings_bits", 4))
+        head_bits = options.get("lm_head_bits", 8)
         assert decoder["info"]["lm_head"] == ("int8 MatMulNBits" if head_bits == 8 else f"int4 {decoder['info']['algorithm']}")
-        assert entries["embed_tokens"]["q4"]["info"]["embedding_bits"] == options.get("embeddings_bits", 4)
+        embed_info = entries["embed_tokens"]["q4"]["info"]
+        assert "shared_table" not in embed_info  # the tiny lm_head is random, not a copy of the table
+        assert embed_info["embedding_bits"] == options.get("embeddings_bits", 4)
     else:
-        assert decoder["info"]["matmuls_quantized"] == 15 and decoder["info"]["activations"] == "float32"
+        import onnx
+
+        fp32 = onnx.load(str(bundle / entries["decoder_model_merged"]["fp32"]["file"]), load_external_data=False)
+        constants = {t.name for t in fp32.graph.initializer}
+        matmuls = sum(n.op_type == "MatMul" and n.input[1] in constants for n in fp32.graph.node)
+        assert decoder["info"]["matmuls_quantized"] == matmuls and decoder["info"]["activations"] == "float32"
     generates(bundle, recipe, images[0])
     assert_passes(parity(bundle, recipe, images), recipe)
 
@@ -225,7 +233,7 @@ def test_manifest_records_each_build(built):
             assert entry["size_bytes"] == listed["size"] == (built / entry["file"]).stat().st_size
             assert set(entry["options"]) == set(get_recipe(precision).option_table())
     q4 = bundle.manifest["graphs"]["decoder_model_merged"]["q4"]
-    assert q4["info"]["lm_head"] == "int4 hqq" and q4["info"]["matmuls_float"] == 0
+    assert q4["info"]["lm_head"] == "int8 MatMulNBits" and q4["info"]["matmuls_float"] == 0
     assert bundle.manifest["graphs"]["embed_tokens"]["q4"]["info"]["gathers_quantized"] == 1
     assert not [p for p in (built / "onnx").iterdir() if p.name.startswith(".")]
 
@@ -239,9 +247,9 @@ def test_runtime_mixes_precisions_per_graph(built, images):
     np.testing.assert_array_equal(vlm.vision.run(None, feed)[0], int8.vision.run(None, feed)[0])
     ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
     np.testing.assert_array_equal(vlm.embed(ids), SmolVLM(built).embed(ids))
-    cache = vlm.decoder.empty_cache(1)
     args = (vlm.embed(ids), np.ones_like(ids), np.arange(4)[None])
-    np.testing.assert_array_equal(vlm.decoder(*args, cache)[0], q4.decoder(*args, cache)[0])
+    np.testing.assert_array_equal(vlm.decoder(*args, vlm.decoder.empty_cache(1))[0],
+                                  q4.decoder(*args, q4.decoder.empty_cache(1))[0])
 
 
 def test_per_graph_choices(tiny_bundles, tmp_path):
@@ -363,3 +371,43 @@ def test_a_failed_commit_puts_everything_back(fresh, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         quantize_bundle(fresh, "int8", overwrite=True, progress=lambda line: None)
     assert snapshot(fresh) == before
+
+
+def test_the_embedding_table_is_stored_once(tiny_checkpoints, tmp_path, images):
+    """q4's default: embed_tokens reads the decoder's 8-bit lm_head blocks from the decoder's data file."""
+    import torch
+    from transformers import Idefics3ForConditionalGeneration
+
+    from smolvlm_edge.export.api import export_checkpoint
+    from smolvlm_edge.runtime.bundle import open_bundle
+
+    checkpoint = tmp_path / "copied-head"  # an untied lm_head that is a copy of the table, as in SmolVLM
+    shutil.copytree(tiny_checkpoints("256m"), checkpoint)
+    model = Idefics3ForConditionalGeneration.from_pretrained(checkpoint)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.get_input_embeddings().weight)
+    model.save_pretrained(checkpoint)
+    bundle = export_checkpoint(str(checkpoint), tmp_path / "bundle", progress=lambda line: None)
+    quantize_bundle(bundle, "q4", progress=lambda line: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    embed, decoder = manifest["graphs"]["embed_tokens"]["q4"], manifest["graphs"]["decoder_model_merged"]["q4"]
+    assert embed["external_data"] == decoder["external_data"] == "onnx/decoder_model_merged_q4.onnx_data"
+    assert embed["size_bytes"] < 10_000 and embed["info"]["shared_max_steps"] <= 0.6
+    open_bundle(bundle)  # sizes and sha256 of every file still match the manifest
+    generates(bundle, "q4", images[0])
+    assert_passes(parity(bundle, "q4", images), "q4")
+    # Rebuilding the decoder alone keeps the data file the embed build still reads.
+    quantize_bundle(bundle, "q4", graphs={"vision": "none", "embed": "none"}, overwrite=True,
+                    progress=lambda line: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["graphs"]["decoder_model_merged"]["q4"]["external_data"] is None
+    assert "onnx/decoder_model_merged_q4.onnx_data" in manifest["files"]
+    open_bundle(bundle)
+    generates(bundle, "q4", images[0])
+    # Rebuilding both, unshared, leaves no dangling file.
+    quantize_bundle(bundle, "q4", options={"share_embeddings": False}, overwrite=True, progress=lambda line: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert not (bundle / "onnx" / "decoder_model_merged_q4.onnx_data").exists()
+    assert "onnx/decoder_model_merged_q4.onnx_data" not in manifest["files"]
+    open_bundle(bundle)
+    generates(bundle, "q4", images[0])

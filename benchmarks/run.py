@@ -1,0 +1,426 @@
+"""Speed and memory of each engine on one bundle: our onnxruntime builds, PyTorch eager, llama.cpp.
+
+    python -m benchmarks.run [--bundle out/demo-bundle] [--precisions fp32 q4f16 int8] [--torch]
+                             [--llama-cpp GGUF] [--threads 2] [--repeats 3] [--prefill-tokens 256]
+                             [--decode-tokens 128] [--out benchmarks/results]
+
+Each engine runs in its own child process (`--child ENGINE`), so its peak RSS is its own. Per
+engine, after one warm-up, `--repeats` runs of: vision ms per frame (1 frame, and 5 frames in one
+batch), time to first token for one 512x512 picture and "What is in this image?" (no tiles,
+greedy), prefill tok/s for `--prefill-tokens` ids of quantize/data/reference_text.txt, and decode
+tok/s for `--decode-tokens` greedy steps after it (EOS ignored). Median and min/max of each.
+PyTorch's text path applies lm_head to the last position only (as generate() does); the ONNX
+decoder graph returns logits for every prefill position. llama.cpp has no vision here.
+Prints one JSON record per engine and a Markdown table with ratios; writes bench.jsonl, bench.md
+and bench.png under `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "quantize" / "data" / "reference_text.txt"
+GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+QUESTION = "What is in this image?"
+DEFAULT_PRECISIONS = ("fp32", "q4f16", "int8")
+COLUMNS = ("vision ms/frame (1 frame)", "vision ms/frame (5 frames)", "TTFT ms", "prefill tok/s",
+           "decode tok/s", "peak RSS MB", "size MB")
+
+
+# ---------------------------------------------------------------- inputs and statistics
+
+def picture(side: int = 512):
+    """A deterministic test picture: colour gradients plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side] / max(side - 1, 1)
+    base = np.stack([xx, yy, 1 - (xx + yy) / 2], axis=-1) * 200 + rng.integers(0, 56, (side, side, 3))
+    return Image.fromarray(base.astype(np.uint8), "RGB")
+
+
+def text_ids(encode, count: int) -> np.ndarray:
+    """`count` ids of the reference text, repeated when the text is shorter. [1, count]"""
+    ids = list(encode(TEXT.read_text()))
+    ids = (ids * math.ceil(count / len(ids)))[:count]
+    return np.array([ids], dtype=np.int64)
+
+
+def repeated(fn, repeats: int) -> list:
+    """One untimed warm-up call, then `repeats` calls; their results."""
+    fn()
+    return [fn() for _ in range(repeats)]
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+# ---------------------------------------------------------------- engines (in the child)
+
+class OrtEngine:
+    """Our runtime at one precision: `vision`/`ttft`/`text` return seconds."""
+
+    def __init__(self, bundle: Path, precision: str, threads: int):
+        from smolvlm_edge.runtime import SmolVLM
+
+        self.vlm = SmolVLM(bundle, provider="cpu", threads=threads, precision=precision)
+        self.encode = self.vlm.text.encode
+
+    def vision(self, pixels, mask) -> float:
+        t0 = time.perf_counter()
+        self.vlm.run_vision(pixels, mask)
+        return time.perf_counter() - t0
+
+    def ttft(self, image) -> float:
+        result = self.vlm.generate(QUESTION, [image], max_new_tokens=1, do_sample=False, do_image_splitting=False)
+        return result.timings["ttft_ms"] / 1000
+
+    def text(self, ids: np.ndarray, steps: int) -> tuple[float, float]:
+        decoder, n = self.vlm.decoder, ids.shape[1]
+        t0 = time.perf_counter()
+        cache = decoder.empty_cache(1, capacity=n + steps)
+        logits, cache = decoder(self.vlm.embed(ids), np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+        t1 = time.perf_counter()
+        for i in range(steps):
+            token = np.array([[logits[0, -1].argmax()]], dtype=np.int64)
+            logits, cache = decoder(self.vlm.embed(token), np.ones((1, n + i + 1), np.int64),
+                                    np.array([[n + i]], dtype=np.int64), cache)
+        return t1 - t0, time.perf_counter() - t1
+
+
+class TorchEngine:
+    """PyTorch eager fp32 on the bundle's source checkpoint, fed by our runtime's processors."""
+
+    def __init__(self, bundle: Path, threads: int):
+        import torch
+        from smolvlm_edge.export.reference import load_reference
+        from smolvlm_edge.runtime.prompt import TextProcessor
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.source = json.loads((bundle / "manifest.json").read_text())["source"]["model"]
+        self.model, _ = load_reference(self.source)
+        self.text_proc = TextProcessor.from_dir(bundle)
+        self.images = image_processor(bundle)
+        self.encode = self.text_proc.encode
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config.text_config)
+
+    def vision(self, pixels, mask) -> float:
+        torch = self.torch
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.model.model.get_image_features(pixel_values=torch.from_numpy(pixels),
+                                                pixel_attention_mask=torch.from_numpy(mask))
+            return time.perf_counter() - t0
+
+    def ttft(self, image) -> float:
+        torch, proc = self.torch, self.text_proc
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            frames = self.images([[image]], do_image_splitting=False)
+            prompt = proc.expand_image_tokens(proc.render(proc.messages_for(QUESTION, 1)), frames.rows[0], frames.cols[0])
+            ids = torch.tensor([proc.encode(prompt)])
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=self.new_cache(), use_cache=True,
+                             pixel_values=torch.from_numpy(frames.pixel_values),
+                             pixel_attention_mask=torch.from_numpy(frames.pixel_attention_mask), logits_to_keep=1)
+            int(out.logits[0, -1].argmax())
+            return time.perf_counter() - t0
+
+    def text(self, ids: np.ndarray, steps: int) -> tuple[float, float]:
+        torch, model, n = self.torch, self.model, ids.shape[1]
+        embed, text_model = model.get_input_embeddings(), model.model.text_model
+
+        def forward(token_ids, start, cache):
+            out = text_model(inputs_embeds=embed(token_ids), attention_mask=torch.ones((1, start + token_ids.shape[1]), dtype=torch.long),
+                             position_ids=torch.arange(start, start + token_ids.shape[1])[None], cache=cache, use_cache=True)
+            return model.lm_head(out.last_hidden_state[:, -1:])
+
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            cache = self.new_cache()
+            logits = forward(torch.from_numpy(ids), 0, cache)
+            t1 = time.perf_counter()
+            for i in range(steps):
+                logits = forward(logits[:, -1].argmax(-1, keepdim=True), n + i, cache)
+            return t1 - t0, time.perf_counter() - t1
+
+
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python on a GGUF: text only."""
+
+    vision = ttft = None
+
+    def __init__(self, gguf: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=1024, logits_all=False, verbose=False)
+        self.encode = lambda text: self.llm.tokenize(text.encode(), add_bos=False)
+
+    def text(self, ids: np.ndarray, steps: int) -> tuple[float, float]:
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids[0].tolist())
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([int(np.argmax(self.last_logits()))])
+        return t1 - t0, time.perf_counter() - t1
+
+    def last_logits(self) -> np.ndarray:
+        """The last evaluated token's logits, read from the context: with logits_all=False,
+        llama-cpp-python 0.3 no longer copies them into `llm.scores`."""
+        import llama_cpp
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx), shape=(self.llm.n_vocab(),))
+
+
+def image_processor(bundle: Path):
+    from smolvlm_edge.runtime.images import ImageProcessor
+
+    return ImageProcessor.from_dir(bundle)
+
+
+# ---------------------------------------------------------------- one engine's record (in the child)
+
+def measure(engine, args, image) -> dict:
+    """Vision, TTFT, prefill and decode of one engine: median and min/max over the repeats."""
+    record = {}
+    if engine.vision is not None:
+        frame = image_processor(args.bundle)([[image]], do_image_splitting=False)
+        record["vision_ms_per_frame"] = {}
+        for frames in (1, 5):
+            pixels = np.repeat(frame.pixel_values, frames, axis=1)
+            mask = np.repeat(frame.pixel_attention_mask, frames, axis=1)
+            times = repeated(lambda: engine.vision(pixels, mask), args.repeats)
+            record["vision_ms_per_frame"][str(frames)] = spread([1000 * t / frames for t in times])
+        record["ttft_ms"] = spread([1000 * t for t in repeated(lambda: engine.ttft(image), args.repeats)])
+    ids = text_ids(engine.encode, args.prefill_tokens)
+    runs = repeated(lambda: engine.text(ids, args.decode_tokens), args.repeats)
+    record["prefill_tok_s"] = spread([args.prefill_tokens / p for p, _ in runs])
+    record["decode_tok_s"] = spread([args.decode_tokens / d for _, d in runs])
+    return record
+
+
+def size_mb(args, spec: str) -> float:
+    """MB on disk: the three graphs at that precision (each file once), the checkpoint's weights, or the GGUF."""
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    if spec.startswith("ort:"):
+        files = set()
+        for graph in GRAPHS:
+            entry = manifest["graphs"][graph][spec[4:]]
+            extra = entry.get("external_data") or []
+            files.update([entry["file"], *([extra] if isinstance(extra, str) else extra)])
+        return round(sum((args.bundle / f).stat().st_size for f in files) / 1e6, 1)
+    if spec == "torch":
+        weights = [f for f in Path(manifest["source"]["model"]).iterdir() if f.suffix in (".safetensors", ".bin")]
+        return round(sum(f.stat().st_size for f in weights) / 1e6, 1)
+    return round(args.llama_cpp.stat().st_size / 1e6, 1)
+
+
+def child(args) -> dict:
+    """Build one engine, measure it, and return its record (what the child prints)."""
+    spec = args.child
+    record = {"engine": spec, "precision": spec[4:] if spec.startswith("ort:") else "fp32" if spec == "torch" else "gguf",
+              "threads": args.threads, "repeats": args.repeats, "prefill_tokens": args.prefill_tokens,
+              "decode_tokens": args.decode_tokens, "versions": versions()}
+    if spec.startswith("ort:"):
+        engine = OrtEngine(args.bundle, spec[4:], args.threads)
+    elif spec == "torch":
+        engine = TorchEngine(args.bundle, args.threads)
+    else:
+        try:
+            engine = LlamaCppEngine(args.llama_cpp, args.threads)
+        except ImportError:
+            return {"engine": "llama.cpp", "skipped": "llama-cpp-python is not installed"}
+        record["precision"] = args.llama_cpp.name
+    side = min(512, int(json.loads((args.bundle / "manifest.json").read_text())["vision"]["image_size"]))
+    record.update(measure(engine, args, picture(side)))
+    record["peak_rss_mb"] = peak_rss_mb()
+    record["size_mb"] = size_mb(args, spec)
+    return record
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux's ru_maxrss keeps the parent's peak across fork + exec, so
+    prefer VmHWM (the peak of this program's own memory) where /proc has it."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def versions() -> dict:
+    """Installed versions, read without importing (an import would add to this child's RSS)."""
+    found = {}
+    for name in ("onnxruntime", "torch", "transformers", "llama_cpp_python"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+# ---------------------------------------------------------------- the parent: children, table, chart
+
+def busy() -> dict:
+    """Other processes running now and the 1-minute load: timings mean little on a busy machine."""
+    stat = Path("/proc/stat").read_text().split("\n")
+    running = next(int(line.split()[1]) for line in stat if line.startswith("procs_running"))
+    return {"busy_processes": running - 1, "load_1m": float(Path("/proc/loadavg").read_text().split()[0])}
+
+
+def engine_specs(args) -> list[str]:
+    """ort:PRECISION for each requested precision the bundle has for every graph, then torch, then llama.cpp."""
+    graphs = json.loads((args.bundle / "manifest.json").read_text())["graphs"]
+    have = [p for p in args.precisions or DEFAULT_PRECISIONS if all(p in graphs.get(g, {}) for g in GRAPHS)]
+    missing = [p for p in args.precisions or () if p not in have]
+    if missing:
+        print(f"skipping precisions the bundle lacks: {', '.join(missing)}", file=sys.stderr)
+    return [f"ort:{p}" for p in have] + (["torch"] if args.torch else []) + (["llama.cpp"] if args.llama_cpp else [])
+
+
+def run_child(spec: str, args) -> dict:
+    """Measure one engine in a fresh interpreter and read its one JSON line."""
+    command = [sys.executable, "-m", "benchmarks.run", "--child", spec, "--bundle", str(args.bundle),
+               "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens)]
+    if args.llama_cpp:
+        command += ["--llama-cpp", str(args.llama_cpp)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        return {"engine": spec, "error": f"child exited with {done.returncode}; stdout tail: {done.stdout[-500:]!r}"}
+    return json.loads(lines[-1])
+
+
+def median(records: list[dict], engine: str, key: str, frames: str = "1"):
+    record = next((r for r in records if r["engine"] == engine and key in r), None)
+    if record is None:
+        return None
+    value = record[key][frames] if key == "vision_ms_per_frame" else record[key]
+    return value["median"] if isinstance(value, dict) else value
+
+
+def ratios(records: list[dict]) -> list[str]:
+    """Ratio lines between engines measured in this run (n/a where one side is missing)."""
+    wanted = [("ort:q4f16", "torch", "decode_tok_s", "decode"), ("ort:fp32", "torch", "decode_tok_s", "decode"),
+              ("ort:int8", "torch", "prefill_tok_s", "prefill"), ("ort:fp32", "torch", "vision_ms_per_frame", "vision ms/frame"),
+              ("ort:int8", "torch", "vision_ms_per_frame", "vision ms/frame")]
+    if any(r["engine"] == "llama.cpp" and "decode_tok_s" in r for r in records):
+        wanted.append(("ort:q4f16", "llama.cpp", "decode_tok_s", "decode"))
+    lines = []
+    for a, b, key, label in wanted:
+        x, y = median(records, a, key), median(records, b, key)
+        value = f"{x / y:.2f}x" if x and y else "n/a"
+        note = " (lower = ort faster)" if key == "vision_ms_per_frame" else ""
+        lines.append(f"- {a} {label} / {b} {label}: {value}{note}")
+    return lines
+
+
+def cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return f"{value['median']:.1f} ({value['min']:.1f}–{value['max']:.1f})"
+    return f"{value:.1f}"
+
+
+def markdown(records: list[dict], load: dict) -> str:
+    lines = [f"| engine | {' | '.join(COLUMNS)} |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in records:
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {r['engine']} | {r.get('skipped') or r.get('error')} |" + " |" * (len(COLUMNS) - 1))
+            continue
+        vision = r.get("vision_ms_per_frame", {})
+        cells = [vision.get("1"), vision.get("5"), r.get("ttft_ms"), r["prefill_tok_s"], r["decode_tok_s"],
+                 r["peak_rss_mb"], r["size_mb"]]
+        lines.append(f"| {r['engine']} | {' | '.join(cell(c) for c in cells)} |")
+    first = next((r for r in records if "threads" in r), {})
+    lines += ["", f"Median (min–max) of {first.get('repeats')} runs after a warm-up, {first.get('threads')} threads, "
+              f"prefill {first.get('prefill_tokens')} tokens, decode {first.get('decode_tokens')} tokens; "
+              f"busy: {load['busy_processes']} other processes running, load {load['load_1m']}.", ""]
+    return "\n".join(lines + ratios(records)) + "\n"
+
+
+def chart(records: list[dict], path: Path) -> None:
+    """Horizontal bars of prefill and decode tok/s per engine, each panel on its own scale."""
+    from PIL import Image, ImageDraw
+
+    rows = [r for r in records if "decode_tok_s" in r]
+    label_w, bar_w, row_h, top = 110, 300, 22, 30
+    image = Image.new("RGB", (label_w + 2 * (bar_w + 20) + 10, top + row_h * max(len(rows), 1) + 10), "white")
+    draw = ImageDraw.Draw(image)
+    for panel, (key, colour) in enumerate((("prefill_tok_s", (70, 130, 180)), ("decode_tok_s", (220, 120, 40)))):
+        x0 = label_w + panel * (bar_w + 20)
+        draw.text((x0, 8), key.replace("_tok_s", " tok/s"), fill="black")
+        top_value = max((r[key]["median"] for r in rows), default=1) or 1
+        for i, r in enumerate(rows):
+            y = top + i * row_h
+            length = int(bar_w * 0.8 * r[key]["median"] / top_value)
+            draw.rectangle([x0, y, x0 + max(length, 1), y + row_h - 6], fill=colour)
+            draw.text((x0 + length + 4, y + 2), f"{r[key]['median']:.1f}", fill="black")
+    for i, r in enumerate(rows):
+        draw.text((6, top + i * row_h + 2), r["engine"], fill="black")
+    image.save(path)
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=Path("out/demo-bundle"))
+    parser.add_argument("--precisions", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_PRECISIONS)} that the bundle has")
+    parser.add_argument("--torch", action="store_true", help="also PyTorch eager fp32 on the bundle's source checkpoint")
+    parser.add_argument("--llama-cpp", type=Path, metavar="GGUF", help="also llama.cpp on this GGUF (text only)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill-tokens", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    parser.add_argument("--child", metavar="ENGINE", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.bundle = args.bundle.resolve()  # the children run from the repository root
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse(argv)
+    if args.child:
+        print(json.dumps(child(args)), flush=True)
+        return []
+    load = busy()
+    print(f"busy: {load['busy_processes']} other processes running (1-minute load {load['load_1m']})", flush=True)
+    records = []
+    for spec in engine_specs(args):
+        record = {**run_child(spec, args), **load}
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    table = markdown(records, load)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (args.out / "bench.md").write_text(table)
+    chart(records, args.out / "bench.png")
+    return records
+
+
+if __name__ == "__main__":
+    main()
