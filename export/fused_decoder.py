@@ -55,6 +55,9 @@ import numpy as np
 from smolvlm_edge.export.decoder import NAME, kv_names
 from smolvlm_edge.runtime.errors import ExportError
 
+# A scalar int64 input after the cache: logits for the last N positions only, 0 = all. The name and
+# meaning are onnxruntime-genai's and transformers.js' (which feeds 1 when a decoder declares it).
+KEEP_LOGITS = "num_logits_to_keep"
 FUSED_OPS = ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 MS_DOMAIN = "com.microsoft"
 # Protobuf cannot hold 2 GiB; above this many weight bytes the weights go to one `.onnx_data` file.
@@ -127,7 +130,7 @@ class _Builder:
     def init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(numpy_helper.from_array(np.require(array, requirements="C"), name))  # keeps 0-d arrays
         self.weight_bytes += array.nbytes
         return name
 
@@ -238,6 +241,15 @@ def build_fused_decoder(model, path: Path, *, opset: int = 18, ir_version: int =
     norm = b.init("model.norm.weight", _array(text.norm.weight))
     y = b.node("SkipSimplifiedLayerNormalization", [pending, residual, norm], ["/model/norm/output_0"],
                name="/model/norm/SkipLayerNorm", domain=MS_DOMAIN, epsilon=eps)
+    # Logits for the last `num_logits_to_keep` positions only (0, the default, keeps all): a prompt of
+    # 256 tokens otherwise pays 256 lm_head rows of which generation reads one.
+    b.init("/model/constants/keep_shape", np.array([1], np.int64))
+    b.init("/model/constants/int64_max", np.array([np.iinfo(np.int64).max], np.int64))
+    keep = b.node("Reshape", [KEEP_LOGITS, "/model/constants/keep_shape"], ["/model/keep/Reshape/output_0"],
+                  name="/model/keep/Reshape")
+    start = b.node("Neg", [keep], ["/model/keep/Neg/output_0"], name="/model/keep/Neg")
+    y = b.node("Slice", [y, start, "/model/constants/int64_max", "/model/constants/axis_1"],
+               ["/model/keep/Slice/output_0"], name="/model/keep/Slice")
     head_bias = None if getattr(model.lm_head, "bias", None) is None else _array(model.lm_head.bias)
     b.linear(y, _array(model.lm_head.weight), head_bias, "/lm_head", out="logits")
 
@@ -251,7 +263,7 @@ def build_fused_decoder(model, path: Path, *, opset: int = 18, ir_version: int =
         inputs=[helper.make_tensor_value_info("inputs_embeds", f32, ["batch_size", "sequence_length", hidden]),
                 helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
                 helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
-                *kv_in],
+                *kv_in, helper.make_tensor_value_info(KEEP_LOGITS, i64, [])],
         outputs=[helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", vocab]), *kv_out],
         initializer=b.inits,
     )
@@ -285,10 +297,12 @@ def spec(config):
 
     from smolvlm_edge.export import decoder
 
+    from smolvlm_edge.export.graph import TensorSpec
+
     plain = decoder.spec(config)
     outputs = tuple(t if t.name == "logits" else replace(t, shape=(*t.shape[:2], "present_sequence_length", t.shape[3]))
                     for t in plain.outputs)
-    return replace(plain, outputs=outputs)
+    return replace(plain, inputs=(*plain.inputs, TensorSpec(KEEP_LOGITS, "int64", ())), outputs=outputs)
 
 
 def export(model, folder: Path, *, opset: int = 18, ir_version: int = 9, external_data_threshold: int | None = None):

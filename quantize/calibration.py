@@ -68,7 +68,9 @@ def decoder_feeds(bundle: Path, prompts, max_tokens: int = MAX_PROMPT_TOKENS) ->
     text = TextProcessor.from_dir(bundle)
     embed = make_session(opened.graph_file("embed_tokens", "fp32"), ["CPUExecutionProvider"])
     entry = opened.manifest["graphs"]["decoder_model_merged"]["fp32"]
-    past = [t for t in entry["inputs"] if t["name"] not in ("inputs_embeds", "attention_mask", "position_ids")]
+    named = ("inputs_embeds", "attention_mask", "position_ids", "num_logits_to_keep")
+    past = [t for t in entry["inputs"] if t["name"] not in named]
+    keep = any(t["name"] == "num_logits_to_keep" for t in entry["inputs"])  # the fused decoder's scalar
     feeds = []
     for prompt in prompts:
         ids = np.array([text.encode(text.render(text.messages_for(prompt, 0)))[:max_tokens]], dtype=np.int64)
@@ -77,6 +79,7 @@ def decoder_feeds(bundle: Path, prompts, max_tokens: int = MAX_PROMPT_TOKENS) ->
             "inputs_embeds": embed.run(["inputs_embeds"], {"input_ids": ids})[0],          # [1, T, D]
             "attention_mask": np.ones((1, length), dtype=np.int64),
             "position_ids": np.arange(length, dtype=np.int64)[None],
+            **({"num_logits_to_keep": np.array(0, dtype=np.int64)} if keep else {}),
         }
         for t in past:  # [batch_size, kv_heads, past_sequence_length, head_dim], empty past
             feed[t["name"]] = np.zeros((1, int(t["shape"][1]), 0, int(t["shape"][3])), dtype=np.float32)

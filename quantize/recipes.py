@@ -122,6 +122,9 @@ _DYNAMIC = {
     "per_channel": Option(False, "dynamic mode: one scale per output channel instead of per tensor", kind=bool),
     "reduce_range": Option(False, "dynamic mode: 7-bit weights (helps some CPUs without VNNI)", kind=bool),
     "block_size": Option(None, "weight_only mode: weights per scale (default 32)", choices=(None, 16, 32, 64, 128)),
+    "accuracy_level": Option(4, "weight_only mode: MatMulNBits compute type of A (4: int8, onnxruntime's fast "
+                             "VNNI/AMX path; 0: float32 after dequantizing every weight, several times slower)",
+                             choices=(0, 1, 2, 3, 4)),
 }
 _Q4 = {
     "block_size": Option(32, "weights per scale along K (a power of 2, >= 16)", choices=(16, 32, 64, 128, 256)),
@@ -137,6 +140,9 @@ _Q4 = {
     "lm_head_bits": Option(8, "bits of the lm_head MatMul (8: MatMulNBits bits=8, symmetric +-127, blocks of 32; "
                            "4-bit logits lose ~20 points of top-1 on SmolLM2); none: as embeddings_bits",
                            choices=(None, 4, 8)),
+    "scales": Option("float16", "how the float32 builds (q4) store int4 scales and HQQ zero points: float16 "
+                     "(+ a Cast onnxruntime folds at load: q4f16's size, float32 compute) or float32; q4f16 is "
+                     "float16 throughout either way", choices=("float16", "float32")),
     "share_embeddings": Option(True, "when the embedding table equals the lm_head (tied or copied), embed_tokens "
                                "reads the decoder's 8-bit lm_head blocks instead of storing its own table "
                                "(the table is stored once: -16 MB on the 256M model; embeddings at 8 bits)",

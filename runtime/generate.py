@@ -12,6 +12,9 @@ from .errors import PromptError
 from .sampling import GenerationSettings, TokenChooser
 
 
+KEEP_LOGITS = "num_logits_to_keep"  # export/fused_decoder.py's scalar input (the runtime cannot import export)
+
+
 class Decoder:
     """Runs `decoder_model_merged`: names of the cache come from the manifest, shapes from the session.
 
@@ -34,6 +37,8 @@ class Decoder:
         self.output_names = ["logits"] + [n for pair in self.present_names for n in pair]
         self.fused = text.get("attention") == "fused"
         self.max_length = int(text["max_position_embeddings"])
+        # The fused graph's scalar input: logits for the last N positions only (0: all; generation reads one).
+        self.takes_keep = KEEP_LOGITS in self.input_names
 
     def empty_cache(self, batch: int, capacity: int = 0):
         """An empty cache for `batch` rows; a fused graph's buffers hold `capacity` positions (grown if needed)."""
@@ -42,14 +47,17 @@ class Decoder:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
         return [empty] * (2 * len(self.past_names))
 
-    def __call__(self, embeds, attention_mask, position_ids, cache):
-        """embeds [B, T, D], attention_mask [B, past+T], position_ids [B, T] -> logits [B, T, V], new cache."""
+    def __call__(self, embeds, attention_mask, position_ids, cache, last_only: bool = False):
+        """embeds [B, T, D], attention_mask [B, past+T], position_ids [B, T] -> logits [B, T, V], new cache.
+
+        `last_only`: logits [B, 1, V] of the last position (computed alone where the graph allows)."""
         if isinstance(cache, InPlaceCache):
-            return cache.run(embeds, attention_mask), cache
-        feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+            return cache.run(embeds, attention_mask, last_only), cache
+        feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+                KEEP_LOGITS: np.array(1 if last_only else 0, dtype=np.int64)}
         feed.update(zip((n for pair in self.past_names for n in pair), cache))
         outputs = self.session.run(self.output_names, {k: v for k, v in feed.items() if k in self.input_names})
-        return outputs[0], outputs[1:]
+        return (outputs[0][:, -1:] if last_only else outputs[0]), outputs[1:]
 
 
 class InPlaceCache:
@@ -77,7 +85,7 @@ class InPlaceCache:
         self.arrays[row] = bigger
         self.values[row] = [ort.OrtValue.ortvalue_from_numpy(a) for a in bigger]
 
-    def run(self, embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def run(self, embeds: np.ndarray, attention_mask: np.ndarray, last_only: bool = False) -> np.ndarray:
         batch, steps = embeds.shape[:2]
         logits = None
         for row in range(batch):
@@ -86,13 +94,14 @@ class InPlaceCache:
             if not (new[:start] == 0).all() or not (new[start:] == 1).all() or \
                     attention_mask[row, :-steps].sum() != self.lengths[row]:
                 raise ValueError("the fused decoder takes left padding only (mask rows of 0...0 1...1)")
-            out = self._run_row(row, embeds[row:row + 1, start:])
+            out = self._run_row(row, embeds[row:row + 1, start:], last_only)
             if logits is None:
-                logits = np.zeros((batch, steps, out.shape[-1]), dtype=out.dtype)
-            logits[row, start:] = out[0]
+                logits = np.zeros((batch, 1 if last_only else steps, out.shape[-1]), dtype=out.dtype)
+            kept = out[0, -logits.shape[1]:]  # this row's positions (no padding), or its last one
+            logits[row, -len(kept):] = kept
         return logits
 
-    def _run_row(self, row: int, embeds: np.ndarray) -> np.ndarray:
+    def _run_row(self, row: int, embeds: np.ndarray, last_only: bool) -> np.ndarray:
         decoder, steps = self.decoder, embeds.shape[1]
         total = self.lengths[row] + steps
         if total > self.arrays[row][0].shape[2]:
@@ -101,6 +110,8 @@ class InPlaceCache:
         binding.bind_output("logits")  # first: get_outputs() follows the binding order
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        if decoder.takes_keep:
+            binding.bind_cpu_input(KEEP_LOGITS, np.array(1 if last_only else 0, dtype=np.int64))
         if "position_ids" in decoder.input_names:  # declared by the contract, derived from the mask by GQA
             binding.bind_cpu_input("position_ids", np.arange(self.lengths[row], total, dtype=np.int64)[None])
         names = zip((n for pair in decoder.past_names for n in pair), (n for pair in decoder.present_names for n in pair))
@@ -173,7 +184,7 @@ def generate_tokens(
     t0 = time.perf_counter()
     positions = position_ids_for(attention_mask)                            # [B, T]
     cache = decoder.empty_cache(batch, capacity=attention_mask.shape[1] + settings.max_new_tokens)
-    logits, cache = decoder(prompt_embeds, attention_mask, positions, cache)
+    logits, cache = decoder(prompt_embeds, attention_mask, positions, cache, last_only=True)
     timings.prefill_ms = 1000 * (time.perf_counter() - t0)
     positions = positions[:, -1:]
 
@@ -194,6 +205,6 @@ def generate_tokens(
         seen = np.concatenate([seen, next_ids[:, None]], axis=1)
         attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         positions = positions + 1
-        logits, cache = decoder(embed(next_ids[:, None]), attention_mask, positions, cache)
+        logits, cache = decoder(embed(next_ids[:, None]), attention_mask, positions, cache, last_only=True)
     if decode_started is not None:
         timings.decode_ms = 1000 * (time.perf_counter() - decode_started)

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from smolvlm_edge.export import api, decoder, embed, verify, vision  # noqa: E402
+from smolvlm_edge.export import api, decoder, embed, fused_decoder, verify, vision  # noqa: E402
 from conftest import CHECKPOINT_KINDS  # noqa: E402
 from smolvlm_edge.runtime.errors import ExportError  # noqa: E402
 
@@ -121,19 +121,22 @@ def test_graph_io_matches_contract(exported, graph):
     assert _declared(model.graph.input) == {t["name"]: (t["dtype"], t["shape"]) for t in entry["inputs"]}
     assert _declared(model.graph.output) == {t["name"]: (t["dtype"], t["shape"]) for t in entry["outputs"]}
     assert [i.name for i in model.graph.input] == [t["name"] for t in entry["inputs"]]
-    assert all(t["shape"][0] == "batch_size" for t in entry["inputs"])
+    assert all(t["shape"][0] == "batch_size" for t in entry["inputs"] if t["shape"])  # but scalars
 
     text = exported.model.config.text_config
     if graph == decoder.NAME:
-        names = [t["name"] for t in entry["inputs"]]
+        fused = exported.manifest["text"]["attention"] == "fused"
+        inputs = entry["inputs"][:-1] if fused else entry["inputs"]  # fused: num_logits_to_keep comes last
+        if fused:
+            assert entry["inputs"][-1] == {"name": "num_logits_to_keep", "dtype": "int64", "shape": []}
+        names = [t["name"] for t in inputs]
         assert names[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
         assert names[3:] == decoder.kv_names(text.num_hidden_layers, "past")
         assert [t["name"] for t in entry["outputs"]][1:] == decoder.kv_names(text.num_hidden_layers, "present")
-        kv = {t["name"]: t["shape"] for t in entry["inputs"][3:] + entry["outputs"][1:]}
+        kv = {t["name"]: t["shape"] for t in inputs[3:] + entry["outputs"][1:]}
         for name, shape in kv.items():
             # the fused graph's present has its buffer's length (the in-place cache), the plain one past + new
-            present = "present_sequence_length" if exported.manifest["text"]["attention"] == "fused" \
-                else "total_sequence_length"
+            present = "present_sequence_length" if fused else "total_sequence_length"
             length = "past_sequence_length" if name.startswith("past") else present
             assert shape == ["batch_size", text.num_key_value_heads, length, text.head_dim], name
     if graph == vision.NAME:
@@ -199,6 +202,8 @@ def _run_decoder(session, text, embeds, mask, positions, past=None):
         past = [np.zeros((embeds.shape[0], text.num_key_value_heads, 0, text.head_dim), np.float32)] * len(names)
     feeds = {"inputs_embeds": np.asarray(embeds), "attention_mask": np.asarray(mask),
              "position_ids": np.asarray(positions), **dict(zip(names, past))}
+    if "num_logits_to_keep" in {i.name for i in session.get_inputs()}:  # the fused graph: every position
+        feeds["num_logits_to_keep"] = np.array(0, dtype=np.int64)
     outputs = session.run(None, feeds)
     return outputs[0], outputs[1:]
 
@@ -309,7 +314,7 @@ def test_interrupt_keeps_the_old_bundle_and_leaves_no_partial(checkpoint_256m, t
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(decoder, "export", interrupted)
+    monkeypatch.setattr(fused_decoder, "export", interrupted)  # the default decoder exporter
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "old.txt").write_text("old bundle")

@@ -8,6 +8,8 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+ALL_LOGITS = {"num_logits_to_keep": np.array(0, dtype=np.int64)}  # the fused graph's scalar: every position
+
 from smolvlm_edge.export import decoder, verify  # noqa: E402
 from smolvlm_edge.export.fused_decoder import FUSED_OPS, build_fused_decoder  # noqa: E402
 from conftest import CHECKPOINT_KINDS  # noqa: E402
@@ -71,13 +73,15 @@ def test_graph_is_fused_and_declares_the_contract(fused):
     assert model.ir_version == 9
     assert {o.domain: o.version for o in model.opset_import} == {"": 18, "com.microsoft": 1}
 
-    spec = decoder.spec(fused.model.config)
+    spec = decoder.spec(fused.model.config)  # the plain contract; the fused graph adds num_logits_to_keep
 
     def declared(values):
         return [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                  tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]
 
-    assert declared(model.graph.input) == [(t.name, t.dtype, t.shape) for t in spec.inputs]
+    # the contract's inputs, then num_logits_to_keep (int64 scalar; 0 = every position)
+    assert declared(model.graph.input) == [(t.name, t.dtype, t.shape) for t in spec.inputs] + \
+        [("num_logits_to_keep", "int64", ())]
     present = [(t.name, t.dtype, tuple("present_sequence_length" if d == "total_sequence_length" else d
                                        for d in t.shape)) for t in spec.outputs]
     assert declared(model.graph.output) == present
@@ -102,7 +106,7 @@ def test_past_of_exact_length_matches_pytorch(fused):
     past = [np.zeros((1, fused.text.num_key_value_heads, 0, fused.text.head_dim), np.float32)] * len(fused.past_names)
     diffs = []
     for step, (embeds, mask, positions, ref_logits, ref_present) in enumerate(reference_steps(fused.model, 1)):
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **ALL_LOGITS, **ALL_LOGITS,
                  **dict(zip(fused.past_names, past))}
         logits, *past = fused.session.run(None, feeds)
         diffs.append(check(logits, ref_logits, f"step {step} logits"))
@@ -126,6 +130,7 @@ def test_in_place_cache_matches_pytorch(fused):
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input("position_ids", positions)
+        binding.bind_cpu_input("num_logits_to_keep", ALL_LOGITS["num_logits_to_keep"])
         binding.bind_output("logits")
         fused.session.run_with_iobinding(binding)
         logits = binding.copy_outputs_to_cpu()[-1]  # outputs in binding order: the presents, then logits
@@ -145,7 +150,7 @@ def test_batch_of_equal_rows_matches_pytorch(fused):
     past = [np.zeros((2, fused.text.num_key_value_heads, 0, fused.text.head_dim), np.float32)] * len(fused.past_names)
     diffs = []
     for step, (embeds, mask, positions, ref_logits, ref_present) in enumerate(reference_steps(fused.model, 2, seed=1)):
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **ALL_LOGITS, **ALL_LOGITS,
                  **dict(zip(fused.past_names, past))}
         logits, *past = fused.session.run(None, feeds)
         diffs.append(check(logits, ref_logits, f"step {step} logits"))
@@ -161,7 +166,19 @@ def test_external_data_gives_the_same_graph(fused, tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     embeds, mask, positions, _, _ = reference_steps(fused.model, 1)[0]
     past = [np.zeros((1, fused.text.num_key_value_heads, 0, fused.text.head_dim), np.float32)] * len(fused.past_names)
-    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **ALL_LOGITS,
              **dict(zip(fused.past_names, past))}
     for got, want in zip(session.run(None, feeds), fused.session.run(None, feeds)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_logits_for_the_last_positions_only(fused):
+    """num_logits_to_keep=1 gives the last position's logits, equal to the full run's last row."""
+    embeds, mask, positions, _, _ = reference_steps(fused.model, 1)[0]
+    past = [np.zeros((1, fused.text.num_key_value_heads, 0, fused.text.head_dim), np.float32)] * len(fused.past_names)
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **ALL_LOGITS,
+             **dict(zip(fused.past_names, past))}
+    full = fused.session.run(["logits"], feeds)[0]
+    last = fused.session.run(["logits"], {**feeds, "num_logits_to_keep": np.array(1, dtype=np.int64)})[0]
+    assert last.shape == (1, 1, full.shape[-1])
+    np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=0, atol=1e-5)
