@@ -157,7 +157,7 @@ def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
         fp32 = onnx.load(str(bundle / entries["decoder_model_merged"]["fp32"]["file"]), load_external_data=False)
         constants = {t.name for t in fp32.graph.initializer}
         matmuls = sum(n.op_type == "MatMul" and n.input[1] in constants for n in fp32.graph.node)
-        assert decoder["info"]["matmuls_quantized"] == matmuls and decoder["info"]["accuracy_level"] == 4
+        assert decoder["info"]["matmuls_quantized"] == matmuls and decoder["info"]["accuracy_level"] == 0
     generates(bundle, recipe, images[0])
     assert_passes(parity(bundle, recipe, images), recipe)
 
