@@ -169,7 +169,7 @@ def export(model, folder: Path, **options) -> WrittenGraph:
     config = model.config
     frames = Dim(FRAMES)
     # The traced part takes flat frames; add_frame_filter then puts the contract's inputs in front.
-    return export_graph(
+    written = export_graph(
         frame_encoder(model),
         dummy_frames(config),
         spec(config),
@@ -179,3 +179,50 @@ def export(model, folder: Path, **options) -> WrittenGraph:
         traced_input_names=["frames.pixel_values", "frames.pixel_attention_mask"],
         **options,
     )
+    _drop_nan_guards_in_file(written.path, written.external_data)
+    return written
+
+
+def drop_softmax_nan_guards(model) -> int:
+    """Remove `Where(IsNaN(softmax), 0, softmax)` (the traced SDPA's guard for rows that see no key); return how many.
+
+    Dead code here: padding frames are dropped before the encoder and a real frame's patches are all
+    valid, so no attention row is empty. The guard costs two passes over every [heads, 1024, 1024]
+    probability tensor. verify.py still compares the edited graph with PyTorch.
+    """
+    graph = model.graph
+    producer = {out: n for n in graph.node for out in n.output}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for name in n.input:
+            uses[name] = uses.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    alias, dropped = {}, set()
+    for node in graph.node:
+        if node.op_type != "Where":
+            continue
+        test, value = producer.get(node.input[0]), producer.get(node.input[2])
+        if (node.output[0] not in outputs and test is not None
+                and test.op_type == "IsNaN" and value is not None and value.op_type == "Softmax"
+                and test.input[0] == node.input[2] and uses[test.output[0]] == 1):
+            alias[node.output[0]] = node.input[2]
+            dropped.update((id(node), id(test)))
+    if not alias:
+        return 0
+    kept = [n for n in graph.node if id(n) not in dropped]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(alias)
+
+
+def _drop_nan_guards_in_file(path: Path, external_data: Path | None) -> None:
+    import onnx
+
+    if external_data is not None:  # weights beside the graph (> 2 GB): leave the guards
+        return
+    model = onnx.load(str(path))
+    if drop_softmax_nan_guards(model):
+        onnx.save_model(model, str(path))

@@ -123,8 +123,8 @@ _DYNAMIC = {
     "reduce_range": Option(False, "dynamic mode: 7-bit weights (helps some CPUs without VNNI)", kind=bool),
     "block_size": Option(None, "weight_only mode: weights per scale (default 32)", choices=(None, 16, 32, 64, 128)),
     "accuracy_level": Option(0, "weight_only mode: MatMulNBits compute type of A (0: float, the accurate default: "
-                             "top-1 98.3 % on the demo checkpoint; 4: activations to int8 per row, onnxruntime's "
-                             "VNNI path, faster but 95.2 %: SmolLM2's activation outliers)",
+                             "top-1 98.3 % on the demo checkpoint; 4: activations quantized to int8 inside the op (VNNI), "
+                             "faster but 95.2 %: SmolLM2's activation outliers)",
                              choices=(0, 1, 2, 3, 4)),
 }
 _Q4 = {

@@ -339,3 +339,10 @@ def test_batch_of_one_single_token(exported):
     (features,) = exported.session(vision.NAME).run(None, {"pixel_values": pixels,
                                                            "pixel_attention_mask": np.ones((1, 1, size, size), bool)})
     assert features.shape == (1, exported.manifest["vision"]["tokens_per_image"], text.hidden_size)
+
+
+def test_vision_graph_has_no_softmax_nan_guards(exported):
+    """Padding frames are dropped before the encoder, so the traced Where(IsNaN(softmax)) guards are removed."""
+    model = onnx.load(str(exported.bundle / exported.manifest["graphs"][vision.NAME]["fp32"]["file"]))
+    ops = [n.op_type for n in model.graph.node]
+    assert "IsNaN" not in ops and ops.count("Softmax") == exported.model.config.vision_config.num_hidden_layers
