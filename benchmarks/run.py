@@ -1,7 +1,7 @@
 """Speed and memory of each engine on one bundle: our onnxruntime builds, PyTorch eager, llama.cpp.
 
     python -m benchmarks.run [--bundle out/demo-bundle] [--precisions fp32 q4f16 int8] [--torch]
-                             [--llama-cpp GGUF] [--threads 2] [--repeats 3] [--prefill-tokens 256]
+                             [--llama-cpp GGUF] [--peers] [--threads 2] [--repeats 3] [--prefill-tokens 256]
                              [--decode-tokens 128] [--out benchmarks/results]
 
 Each engine runs in its own child process (`--child ENGINE`), so its peak RSS is its own. Per
@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "quantize" / "data" / "reference_text.txt"
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 QUESTION = "What is in this image?"
-DEFAULT_PRECISIONS = ("fp32", "q4f16", "int8")
+# Our builds: every graph at one precision, or a per-graph mix ("vision=int8,embed=q4,decoder=q4").
+DEFAULT_PRECISIONS = ("fp32", "q4", "int8", "q4f16", "vision=int8,embed=q4,decoder=q4")
+# The text-only figure to set beside llama.cpp and genai (which hold no vision encoder in memory).
+TEXT_ONLY_PRECISION = "q4"
 COLUMNS = ("vision ms/frame (1 frame)", "vision ms/frame (5 frames)", "TTFT ms", "prefill tok/s",
            "decode tok/s", "peak RSS MB", "size MB")
 
@@ -75,8 +78,9 @@ class OrtEngine:
 
     def __init__(self, bundle: Path, precision: str, threads: int):
         from smolvlm_edge.runtime import SmolVLM
+        from smolvlm_edge.runtime.cli import parse_precision
 
-        self.vlm = SmolVLM(bundle, provider="cpu", threads=threads, precision=precision)
+        self.vlm = SmolVLM(bundle, provider="cpu", threads=threads, precision=parse_precision(precision))
         self.encode = self.vlm.text.encode
 
     def vision(self, pixels, mask) -> float:
@@ -99,6 +103,27 @@ class OrtEngine:
             logits, cache = decoder(self.vlm.embed(token), np.ones((1, n + i + 1), np.int64),
                                     np.array([[n + i]], dtype=np.int64), cache)
         return t1 - t0, time.perf_counter() - t1
+
+
+class OrtTextEngine(OrtEngine):
+    """embed_tokens + decoder only, as a text-only app would load them: its peak RSS is comparable with llama.cpp's."""
+
+    vision = None
+
+    def __init__(self, bundle: Path, precision: str, threads: int):
+        from types import SimpleNamespace
+
+        from smolvlm_edge.runtime.bundle import open_bundle
+        from smolvlm_edge.runtime.generate import Decoder
+        from smolvlm_edge.runtime.prompt import TextProcessor
+        from smolvlm_edge.runtime.providers import make_session
+
+        opened = open_bundle(bundle)
+        embed = make_session(opened.graph_file("embed_tokens", precision), ["CPUExecutionProvider"], threads)
+        decoder = make_session(opened.graph_file("decoder_model_merged", precision), ["CPUExecutionProvider"], threads)
+        self.vlm = SimpleNamespace(decoder=Decoder(decoder, opened.text), text=TextProcessor.from_dir(bundle),
+                                   embed=lambda ids: embed.run(["inputs_embeds"], {"input_ids": ids})[0])
+        self.encode = self.vlm.text.encode
 
 
 class TorchEngine:
@@ -221,10 +246,13 @@ def measure(engine, args, image) -> dict:
 def size_mb(args, spec: str) -> float:
     """MB on disk: the three graphs at that precision (each file once), the checkpoint's weights, or the GGUF."""
     manifest = json.loads((args.bundle / "manifest.json").read_text())
-    if spec.startswith("ort:"):
-        files = set()
-        for graph in GRAPHS:
-            entry = manifest["graphs"][graph][spec[4:]]
+    if spec.startswith(("ort:", "ort-text:")):
+        from smolvlm_edge.runtime.cli import parse_precision
+
+        chosen, files = parse_precision(spec.partition(":")[2]), set()
+        graphs = GRAPHS[1:] if spec.startswith("ort-text:") else GRAPHS
+        for graph in graphs:
+            entry = manifest["graphs"][graph][chosen if isinstance(chosen, str) else chosen[graph]]
             extra = entry.get("external_data") or []
             files.update([entry["file"], *([extra] if isinstance(extra, str) else extra)])
         return round(sum((args.bundle / f).stat().st_size for f in files) / 1e6, 1)
@@ -237,11 +265,14 @@ def size_mb(args, spec: str) -> float:
 def child(args) -> dict:
     """Build one engine, measure it, and return its record (what the child prints)."""
     spec = args.child
-    record = {"engine": spec, "precision": spec[4:] if spec.startswith("ort:") else "fp32" if spec == "torch" else "gguf",
+    ort = spec.startswith(("ort:", "ort-text:"))
+    record = {"engine": spec, "precision": spec.partition(":")[2] if ort else "fp32" if spec == "torch" else "gguf",
               "threads": args.threads, "repeats": args.repeats, "prefill_tokens": args.prefill_tokens,
               "decode_tokens": args.decode_tokens, "versions": versions()}
     if spec.startswith("ort:"):
         engine = OrtEngine(args.bundle, spec[4:], args.threads)
+    elif spec.startswith("ort-text:"):
+        engine = OrtTextEngine(args.bundle, spec[9:], args.threads)
     elif spec == "torch":
         engine = TorchEngine(args.bundle, args.threads)
     else:
@@ -288,23 +319,64 @@ def busy() -> dict:
     return {"busy_processes": running - 1, "load_1m": float(Path("/proc/loadavg").read_text().split()[0])}
 
 
+# Peer engines: each runs benchmarks/peers/CHILD.py with the python of its own venv under out/peers/,
+# on a model prepared there (benchmarks/peers/setup.sh makes both). llama.cpp's model is the GGUF.
+PEERS_DIR = ROOT / "out" / "peers"
+PEERS = {  # spec: (venv, child module, model folder)
+    "llama.cpp": ("llama-venv", "llama_cpp_child", None),
+    "genai:int4": ("genai-venv", "genai_child", "genai-int4"),
+    "openvino:int4": ("openvino-venv", "openvino_child", "openvino-int4"),
+    "openvino:fp32": ("openvino-venv", "openvino_child", "openvino-fp32"),
+}
+
+
 def engine_specs(args) -> list[str]:
-    """ort:PRECISION for each requested precision the bundle has for every graph, then torch, then llama.cpp."""
+    """ort:PRECISION for each requested precision the bundle has for every graph, then torch, then the peers."""
+    from smolvlm_edge.runtime.cli import parse_precision
+
     graphs = json.loads((args.bundle / "manifest.json").read_text())["graphs"]
-    have = [p for p in args.precisions or DEFAULT_PRECISIONS if all(p in graphs.get(g, {}) for g in GRAPHS)]
+
+    def built(precision: str, names=GRAPHS) -> bool:
+        chosen = parse_precision(precision)
+        return all((chosen if isinstance(chosen, str) else chosen[g]) in graphs.get(g, {}) for g in names)
+
+    have = [p for p in args.precisions or DEFAULT_PRECISIONS if built(p)]
     missing = [p for p in args.precisions or () if p not in have]
     if missing:
         print(f"skipping precisions the bundle lacks: {', '.join(missing)}", file=sys.stderr)
-    return [f"ort:{p}" for p in have] + (["torch"] if args.torch else []) + (["llama.cpp"] if args.llama_cpp else [])
+    peers = list(PEERS) if args.peers else ["llama.cpp"] if args.llama_cpp else []
+    text_only = [f"ort-text:{TEXT_ONLY_PRECISION}"] if peers and built(TEXT_ONLY_PRECISION, GRAPHS[1:]) else []
+    return [f"ort:{p}" for p in have] + text_only + (["torch"] if args.torch else []) + peers
+
+
+def peer_command(spec: str, args) -> list[str] | dict:
+    """The command line of a peer's child, or its skipped record when setup.sh has not made its venv or model."""
+    venv, module, folder = PEERS[spec]
+    python = PEERS_DIR / venv / "bin" / "python"
+    if folder:
+        model = PEERS_DIR / folder
+    elif args.llama_cpp:
+        model = args.llama_cpp.resolve()  # the child runs from the repository root
+    else:
+        from smolvlm_edge.export.demo_checkpoint import find_smollm2_gguf
+
+        model = find_smollm2_gguf()
+    if not python.is_file() or not model.exists():
+        return {"engine": spec, "skipped": "run benchmarks/peers/setup.sh first"}
+    return [str(python), "-m", f"benchmarks.peers.{module}", "--model", str(model)]
 
 
 def run_child(spec: str, args) -> dict:
     """Measure one engine in a fresh interpreter and read its one JSON line."""
-    command = [sys.executable, "-m", "benchmarks.run", "--child", spec, "--bundle", str(args.bundle),
-               "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens)]
-    if args.llama_cpp:
-        command += ["--llama-cpp", str(args.llama_cpp)]
+    common = ["--threads", str(args.threads), "--repeats", str(args.repeats),
+              "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens)]
+    if spec in PEERS:
+        command = peer_command(spec, args)
+        if isinstance(command, dict):
+            return command
+        command += common
+    else:
+        command = [sys.executable, "-m", "benchmarks.run", "--child", spec, "--bundle", str(args.bundle), *common]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -323,17 +395,22 @@ def median(records: list[dict], engine: str, key: str, frames: str = "1"):
 
 def ratios(records: list[dict]) -> list[str]:
     """Ratio lines between engines measured in this run (n/a where one side is missing)."""
-    wanted = [("ort:q4f16", "torch", "decode_tok_s", "decode"), ("ort:fp32", "torch", "decode_tok_s", "decode"),
-              ("ort:int8", "torch", "prefill_tok_s", "prefill"), ("ort:fp32", "torch", "vision_ms_per_frame", "vision ms/frame"),
-              ("ort:int8", "torch", "vision_ms_per_frame", "vision ms/frame")]
-    if any(r["engine"] == "llama.cpp" and "decode_tok_s" in r for r in records):
-        wanted.append(("ort:q4f16", "llama.cpp", "decode_tok_s", "decode"))
+    q4, mix, text = "ort:q4", "ort:vision=int8,embed=q4,decoder=q4", f"ort-text:{TEXT_ONLY_PRECISION}"
+    wanted = [(q4, "llama.cpp", "decode_tok_s", "decode", 1.5), (q4, "genai:int4", "decode_tok_s", "decode", 1.0),
+              ("ort:fp32", "torch", "decode_tok_s", "decode", 1.5), ("ort:int8", "torch", "prefill_tok_s", "prefill", 1.5),
+              (q4, "torch", "prefill_tok_s", "prefill", 1.5),
+              ("ort:fp32", "torch", "vision_ms_per_frame", "vision ms/frame", 1.0),
+              ("ort:int8", "torch", "vision_ms_per_frame", "vision ms/frame", 0.5),
+              (mix, "openvino:fp32", "ttft_ms", "TTFT", 1.0), (mix, "openvino:int4", "ttft_ms", "TTFT", 1.0),
+              (text, "llama.cpp", "peak_rss_mb", "peak RSS", 1.5)]
     lines = []
-    for a, b, key, label in wanted:
+    for a, b, key, label, target in wanted:
         x, y = median(records, a, key), median(records, b, key)
+        lower = key in ("vision_ms_per_frame", "ttft_ms", "peak_rss_mb")
         value = f"{x / y:.2f}x" if x and y else "n/a"
-        note = " (lower = ort faster)" if key == "vision_ms_per_frame" else ""
-        lines.append(f"- {a} {label} / {b} {label}: {value}{note}")
+        goal = f"target {'<=' if lower else '>='} {target}x" + ("" if not (x and y) else
+                                                                 ": met" if (x / y <= target if lower else x / y >= target) else ": MISSED")
+        lines.append(f"- {a} {label} / {b} {label}: {value} ({goal})")
     return lines
 
 
@@ -389,7 +466,10 @@ def parse(argv=None):
     parser.add_argument("--bundle", type=Path, default=Path("out/demo-bundle"))
     parser.add_argument("--precisions", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_PRECISIONS)} that the bundle has")
     parser.add_argument("--torch", action="store_true", help="also PyTorch eager fp32 on the bundle's source checkpoint")
-    parser.add_argument("--llama-cpp", type=Path, metavar="GGUF", help="also llama.cpp on this GGUF (text only)")
+    parser.add_argument("--llama-cpp", type=Path, metavar="GGUF", help="also llama.cpp on this GGUF (text only; needs out/peers/llama-venv)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also llama.cpp, onnxruntime-genai and OpenVINO on the same LM weights, each in its own venv "
+                             "(benchmarks/peers/setup.sh makes them)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=256)

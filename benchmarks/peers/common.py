@@ -34,13 +34,13 @@ def text_figures(engine, args) -> dict:
             "decode_tok_s": spread([args.decode_tokens / d for _, d in runs])}
 
 
-def size_mb(path: Path) -> float:
-    """MB on disk of a file, or of every file under a folder."""
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+def size_mb(path: Path, pattern: str = "*") -> float:
+    """MB on disk of a file, or of the files under a folder that match `pattern`."""
+    files = [path] if path.is_file() else [f for f in path.rglob(pattern) if f.is_file()]
     return round(sum(f.stat().st_size for f in files) / 1e6, 1)
 
 
-def record(engine: str, precision: str, args, packages: tuple[str, ...], figures: dict) -> dict:
+def record(engine: str, precision: str, args, packages: tuple[str, ...], figures: dict, size: float | None = None) -> dict:
     """The child's record, in the field names of benchmarks/run.py."""
     found = {}
     for name in packages:
@@ -50,7 +50,7 @@ def record(engine: str, precision: str, args, packages: tuple[str, ...], figures
             pass
     return {"engine": engine, "precision": precision, "threads": args.threads, "repeats": args.repeats,
             "prefill_tokens": args.prefill_tokens, "decode_tokens": args.decode_tokens, "versions": found,
-            **figures, "peak_rss_mb": peak_rss_mb(), "size_mb": size_mb(args.model)}
+            **figures, "peak_rss_mb": peak_rss_mb(), "size_mb": size_mb(args.model) if size is None else size}
 
 
 def emit(rec: dict) -> None:

@@ -19,12 +19,12 @@ def main(out: Path) -> None:
     gguf = find_smollm2_gguf()
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the weights are dequantized to fp32: nothing of the GGUF load is left
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(partial)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
-    config_file = partial / "config.json"
-    config = json.loads(config_file.read_text())
-    config.pop("quantization_config", None)  # left by the GGUF load; the weights are plain fp32 now
-    config_file.write_text(json.dumps(config, indent=2))
     # transformers 5 names its fast tokenizer class TokenizersBackend, which onnxruntime-genai's
     # tokenizer does not know; the file itself is a byte-level BPE, as GPT-2's.
     tok_file = partial / "tokenizer_config.json"
