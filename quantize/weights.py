@@ -268,37 +268,84 @@ def q4_model(model: onnx.ModelProto, graph: str, options: dict, context: Quantiz
         model = _gptq(model, calibration_feeds(graph, context), block, symmetric, exclude)
     else:
         model = _nbits(model, 4, block, symmetric, level, algorithm, exclude)
-    if eight_bit_head:
-        matmuls_8bit(model, [head], _LM_HEAD_BLOCK)
     _set_accuracy_level(model, level)
-    if options.get("scales") == "float16":
-        info["scales_stored_as_float16"] = store_scales_as_float16(model, bits=4)
+    if eight_bit_head:  # after: onnxruntime 1.32 has only an int8-compute kernel for 8-bit weights
+        matmuls_8bit(model, [head], _LM_HEAD_BLOCK)
+        _set_accuracy_level(model, _EIGHT_BIT_LEVEL, bits=8)
     info.update(matmuls_quantized=_count(model, "MatMulNBits"), matmuls_float=_const_matmuls(model),
                 lm_head=(None if head is None else "int8 MatMulNBits" if eight_bit_head else f"int4 {algorithm}"))
+    biases = float_zero_points_to_bias(model) if algorithm == "hqq" else []
+    info["hqq_zero_points_as_block_bias"] = len(biases)
+    if options.get("scales") == "float16":
+        info["scales_stored_as_float16"] = store_scales_as_float16(model, bits=4, also=biases)
     return model, info
 
 
-def store_scales_as_float16(model: onnx.ModelProto, bits: int) -> int:
-    """Float32 scales (and HQQ's float zero points) of `bits`-bit MatMulNBits -> float16 initializers + Cast.
+def float_zero_points_to_bias(model: onnx.ModelProto) -> list[str]:
+    """HQQ's float zero points -> symmetric MatMulNBits + a per-block bias; returns the bias initializers' names.
+
+    onnxruntime 1.32 runs MatMulNBits with float zero points by dequantizing the whole weight on every
+    call (~100x slower than its int4 kernels: 65 ms vs 0.6 ms for the 256M lm_head). Exactly the same
+    product: (q - z) s = (q - 8) s + (8 - z) s, so y = MatMulNBits(A; no zero points, default 8)
+    + blocksum(A) @ bias with bias[block, n] = (8 - z[n, block]) s[n, block], blocksum a Reshape and a
+    ReduceSum of A over each block of K. Weights whose K is not a whole number of blocks stay as they are.
+    """
+    inits = _initializers(model)
+    nodes, biases = [], []
+    for node in model.graph.node:
+        attrs = {a.name: a.i for a in node.attribute}
+        zp = inits.get(node.input[3]) if node.op_type == "MatMulNBits" and len(node.input) > 3 else None
+        if zp is None or zp.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or attrs["bits"] != 4 \
+                or attrs["K"] % attrs["block_size"]:
+            nodes.append(node)
+            continue
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        blocks = k // block
+        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
+        zeros = numpy_helper.to_array(zp).reshape(n, blocks)
+        bias = ((8 - zeros.astype(np.float32)) * scales.astype(np.float32)).T.astype(scales.dtype)  # [blocks, N]
+        name, out = node.name, node.output[0]
+        shape = numpy_helper.from_array(np.array([0, 0, blocks, block], np.int64), f"{name}_block_shape")
+        axis = numpy_helper.from_array(np.array([-1], np.int64), f"{name}_block_axis")
+        weight = numpy_helper.from_array(bias, f"{name}_block_bias")
+        model.graph.initializer.extend([shape, axis, weight])
+        biases.append(weight.name)
+        if sum(i == node.input[3] for n_ in model.graph.node for i in n_.input) == 1:
+            model.graph.initializer.remove(zp)
+        del node.input[3:]
+        node.output[0] = f"{out}_symmetric"
+        nodes += [node,
+                  helper.make_node("Reshape", [node.input[0], shape.name], [f"{name}_blocks"], name=f"{name}_blocks"),
+                  helper.make_node("ReduceSum", [f"{name}_blocks", axis.name], [f"{name}_block_sums"],
+                                   name=f"{name}_block_sums", keepdims=0),
+                  helper.make_node("MatMul", [f"{name}_block_sums", weight.name], [f"{name}_bias"], name=f"{name}_bias"),
+                  helper.make_node("Add", [f"{out}_symmetric", f"{name}_bias"], [out], name=f"{name}_add_bias")]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return biases
+
+
+def store_scales_as_float16(model: onnx.ModelProto, bits: int, also: list[str] = ()) -> int:
+    """Float32 scales (and float zero points) of `bits`-bit MatMulNBits, and the `also` initializers -> float16 + Cast.
 
     onnxruntime folds the Casts when the session loads, so the graph computes in float32 as before
     while the file is as small as q4f16's (scales are 12-20 % of an int4 file in blocks of 32).
     """
     inits, casts, done = _initializers(model), [], 0
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits" or next(a.i for a in node.attribute if a.name == "bits") != bits:
+    names = [name for node in model.graph.node
+             if node.op_type == "MatMulNBits" and next(a.i for a in node.attribute if a.name == "bits") == bits
+             for name in node.input[2:4]] + list(also)
+    for name in dict.fromkeys(names):
+        tensor = inits.get(name)
+        if tensor is None or tensor.data_type != TensorProto.FLOAT:
             continue
-        for slot in (2, 3):
-            tensor = inits.get(node.input[slot]) if len(node.input) > slot else None
-            if tensor is None or tensor.data_type != TensorProto.FLOAT:
-                continue
-            half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), f"{tensor.name}_fp16")
-            model.graph.initializer.remove(tensor)
-            model.graph.initializer.append(half)
-            del inits[tensor.name]
-            casts.append(helper.make_node("Cast", [half.name], [tensor.name], name=f"{tensor.name}_Cast",
-                                          to=TensorProto.FLOAT))
-            done += 1
+        half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), f"{tensor.name}_fp16")
+        model.graph.initializer.remove(tensor)
+        model.graph.initializer.append(half)
+        del inits[tensor.name]
+        casts.append(helper.make_node("Cast", [half.name], [tensor.name], name=f"{tensor.name}_Cast",
+                                      to=TensorProto.FLOAT))
+        done += 1
     nodes = casts + list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -399,9 +446,14 @@ def _gptq(model, feeds: list[dict], block: int, symmetric: bool, exclude: list[s
     return result
 
 
-def _set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
+# 8-bit MatMulNBits on onnxruntime 1.32's CPU: accuracy_level 4 (int8 compute) 0.9 ms for the 256M
+# lm_head, any other level dequantizes the whole weight per call: 165 ms.
+_EIGHT_BIT_LEVEL = 4
+
+
+def _set_accuracy_level(model: onnx.ModelProto, level: int, bits: int | None = None) -> None:
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type == "MatMulNBits" and (bits is None or {a.name: a.i for a in node.attribute}["bits"] == bits):
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend(kept)

@@ -1,4 +1,4 @@
-"""The `smolvlm-edge` command line: export, run, demo, providers.
+"""The `smolvlm-edge` command line: export, run, demo, quantize, parity, mobile, convert-ort, providers.
 
 Heavy imports (torch, transformers) happen only inside the subcommands that need them, so `run`
 works on a runtime-only install.
@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from .errors import SmolVLMEdgeError
-from .providers import PROVIDERS
+from .providers import FALLBACKS, PROVIDERS
 
 
 GRAPH_KEYS = {"vision": "vision_encoder", "embed": "embed_tokens", "decoder": "decoder_model_merged"}
@@ -51,6 +52,18 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="build to load: fp32 (default), fp16, int8, q4, ... for every graph, or per graph as "
                         "vision=int8,embed=q4,decoder=q4")
     p.add_argument("--no-split", action="store_true", help="do not split images into tiles (global image only)")
+    _add_provider_flags(p, provider=False)
+
+
+def _add_provider_flags(p: argparse.ArgumentParser, provider: bool = True) -> None:
+    if provider:
+        p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="execution provider (default cpu)")
+        p.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--provider-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an execution provider option, e.g. MLComputeUnits=CPUAndNeuralEngine (coreml), "
+                        "NNAPI_FLAG_USE_FP16=1 (nnapi), intra_op_num_threads=4 (xnnpack); repeat for several")
+    p.add_argument("--fallback", choices=FALLBACKS,
+                   help="when this onnxruntime lacks --provider: warn and run on this provider instead of failing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", required=True, help="question or instruction (put <image> to place images yourself)")
     run.add_argument("--stream", action="store_true", help="print text as it is generated")
     run.add_argument("--json", action="store_true", help="print one JSON object: text, prompt_ids, token_ids, timings")
+    run.add_argument("--ort", action="store_true",
+                     help="load the ORT-format graphs recorded in the bundle (smolvlm-edge convert-ort) instead of the .onnx")
     _add_runtime_flags(run)
     _add_generation_flags(run)
 
@@ -126,6 +141,36 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--threads", type=int, help="intra-op threads")
     par.add_argument("--output-dir", help="where to write the report (default: BUNDLE/parity)")
 
+    mo = sub.add_parser("mobile", help="write the one-file model for apps (smolvlm_mobile.onnx, optionally .ort)",
+                        description="Merge a bundle's graphs, the image preprocessing and the greedy loop into one ONNX "
+                                    "file for Android/iOS apps (export/mobile.py); --format ort also writes the ORT-format "
+                                    "file and its required_operators config for onnxruntime mobile builds. With --image, "
+                                    "the written model then answers --prompt about it (on --provider).")
+    mo.add_argument("--bundle", required=True, help="exported bundle folder")
+    mo.add_argument("--output", default="smolvlm_mobile.onnx", help="the .onnx file to write (default smolvlm_mobile.onnx)")
+    mo.add_argument("--precision", default="fp32", type=parse_precision,
+                    help="build to merge: fp32 (default), q4, ... or per graph as vision=int8,decoder=q4")
+    mo.add_argument("--max-new-tokens", type=int, default=128, help="default length limit of the greedy loop (default 128)")
+    mo.add_argument("--with-tokenizer", action="store_true",
+                    help="question string in, answer string out (needs onnxruntime-extensions: the [mobile] extra)")
+    mo.add_argument("--format", choices=("onnx", "ort"), default="onnx",
+                    help="onnx (default), or ort: also convert to .ort and write <name>.required_operators.config")
+    mo.add_argument("--ort-style", choices=("fixed", "runtime"), default="fixed",
+                    help="ORT optimization style: fixed (default; CPU/XNNPACK) or runtime (NNAPI/CoreML)")
+    mo.add_argument("--image", help="after writing, answer --prompt about this image with the written model")
+    mo.add_argument("--prompt", default="What is in this image?", help="question for --image")
+    _add_provider_flags(mo)
+
+    co = sub.add_parser("convert-ort", help="add ORT-format (.ort) files of a bundle's graphs (run --ort loads them)",
+                        description="Convert the three graphs of one precision of a bundle to ORT format with "
+                                    "onnxruntime's converter, into the bundle's onnx/ folder (with each graph's "
+                                    "required_operators config), and record them in manifest.json.")
+    co.add_argument("--bundle", required=True, help="exported bundle folder")
+    co.add_argument("--precision", default="fp32", type=parse_precision,
+                    help="build to convert: fp32 (default), q4, ... or per graph as vision=qdq,decoder=q4")
+    co.add_argument("--ort-style", choices=("fixed", "runtime"), default="fixed",
+                    help="ORT optimization style: fixed (default) or runtime")
+
     sub.add_parser("providers", help="list the execution providers this onnxruntime build offers")
     return parser
 
@@ -146,7 +191,10 @@ def answer(model_dir, images, prompt, args, out=None) -> dict:
     out = out or sys.stdout
     from .pipeline import SmolVLM
 
-    vlm = SmolVLM(model_dir, provider=args.provider, threads=args.threads, precision=args.precision)
+    vlm = SmolVLM(model_dir, provider=args.provider, threads=args.threads, precision=args.precision,
+                  fallback=getattr(args, "fallback", None),
+                  provider_options=parse_provider_options(getattr(args, "provider_option", [])),
+                  prefer_ort=getattr(args, "ort", False))
     split = False if args.no_split else None
     kwargs = dict(do_image_splitting=split, **generation_overrides(args))
     if args.stream and not args.json:
@@ -170,8 +218,37 @@ def print_timings(timings: dict, out=None) -> None:
     out.write("timings: " + ", ".join(f"{k}={timings.get(k)}" for k in shown) + "\n")
 
 
+def parse_provider_options(items) -> dict[str, str]:
+    """NAME=VALUE strings (as onnxruntime's provider options are)."""
+    options = {}
+    for text in items or ():
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip():
+            raise SmolVLMEdgeError(f"bad --provider-option {text!r}: use NAME=VALUE, e.g. MLComputeUnits=ALL")
+        options[name.strip()] = value.strip()
+    return options
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """The toolkit's own warnings (a provider fallback, a missing .ort) as one `warning: ...` line on stderr."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, *rest, **kwargs):
+            if category.__module__.startswith("smolvlm_edge."):
+                return _one_line_warning(message, category, *rest, **kwargs)
+            return shown(message, category, *rest, **kwargs)
+
+        warnings.showwarning = show
+        return _main(args)
+
+
+def _main(args) -> int:
     try:
         if args.command == "providers":
             from .providers import available_providers
@@ -190,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_quantize_command(args)
         elif args.command == "parity":
             return run_parity_command(args)
+        elif args.command == "mobile":
+            return run_mobile_command(args)
+        elif args.command == "convert-ort":
+            return run_convert_ort_command(args)
         elif args.command == "demo":
             _require_export_extra()
             from smolvlm_edge.export.demo import run_demo
@@ -256,6 +337,102 @@ def run_parity_command(args) -> int:
     for failure in report["failures"]:
         print(f"  {failure}")
     return 0 if report["passed"] else 1
+
+
+def _require_onnx(command: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise SmolVLMEdgeError(f"{command} needs the onnx package (not installed): pip install 'smolvlm-edge[export]'")
+
+
+def _check_precisions(bundle, precision) -> None:
+    """Every graph has the asked-for build, or one line naming what the bundle has."""
+    from .bundle import GRAPH_NAMES
+
+    chosen = precision if isinstance(precision, dict) else {g: precision for g in GRAPH_NAMES}
+    for graph, name in chosen.items():
+        have = bundle.precisions(graph)
+        if name not in have:
+            raise SmolVLMEdgeError(f"unknown precision {name!r} for {graph} in {bundle.path}: it has "
+                                   f"{', '.join(have) or 'none'} (add builds with smolvlm-edge quantize)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else (f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B")
+
+
+def run_mobile_command(args, out=None) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    from .bundle import open_bundle
+
+    out = out or sys.stdout
+    bundle = open_bundle(args.bundle)
+    _check_precisions(bundle, args.precision)
+    if args.max_new_tokens < 1:
+        raise SmolVLMEdgeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.with_tokenizer and importlib.util.find_spec("onnxruntime_extensions") is None:
+        raise SmolVLMEdgeError("--with-tokenizer needs onnxruntime-extensions (not installed): "
+                               "pip install 'smolvlm-edge[mobile]' (onnxruntime-extensions==0.15.2)")
+    output = Path(args.output)
+    if output.suffix.lower() != ".onnx":
+        raise SmolVLMEdgeError(f"--output must name an .onnx file, got {output} (--format ort adds the .ort beside it)")
+    _require_onnx("mobile")
+    options = parse_provider_options(args.provider_option)
+    from smolvlm_edge.export.mobile import build_mobile_model
+
+    path = build_mobile_model(bundle.path, output, precision=args.precision, max_new_tokens=args.max_new_tokens,
+                              with_tokenizer=args.with_tokenizer, progress=lambda line: print(line, file=out))
+    written = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]
+    model = path
+    if args.format == "ort":
+        from smolvlm_edge.export.ort_format import convert_to_ort
+
+        model, config = convert_to_ort(path, style=args.ort_style)
+        written += [model, config]
+    for file in written:
+        print(f"  {file}  {_size(file.stat().st_size)}", file=out)
+    if args.image:
+        try_mobile_model(model, bundle.path, args.image, args.prompt, args, options, out)
+    return 0
+
+
+def try_mobile_model(model, bundle_dir, image, prompt, args, options, out) -> None:
+    """Answer `prompt` about `image` with the written model, on the chosen provider (the mobile-runner path)."""
+    import numpy as np
+
+    from smolvlm_edge.export import mobile
+
+    from .images import load_image
+    from .prompt import TextProcessor
+    from .providers import choose_provider, make_session
+
+    choice = choose_provider(args.provider, args.threads, options, args.fallback)
+    session = make_session(model, choice, args.threads, custom_ops=True)
+    rgb = np.asarray(load_image(image))  # upright (EXIF) RGB, alpha on white: what the app hands the model
+    text = TextProcessor.from_dir(bundle_dir)
+    info = mobile.model_info(session)
+    if info["with_tokenizer"]:
+        ids = mobile.run_mobile_model(session, rgb, prompt)
+    else:
+        prompt_text = text.expand_image_tokens(text.render(text.messages_for(prompt, 1)), [0], [0])
+        ids = mobile.run_mobile_model(session, rgb, np.array([text.encode(prompt_text)], dtype=np.int64))
+    print(f"{model.name} on {', '.join(session.get_providers())}: {text.decode(ids)!r}", file=out)
+    print(f"generated_ids: {ids}", file=out)
+
+
+def run_convert_ort_command(args) -> int:
+    from .bundle import open_bundle
+
+    bundle = open_bundle(args.bundle)
+    _check_precisions(bundle, args.precision)
+    _require_onnx("convert-ort")
+    from smolvlm_edge.export.ort_format import convert_bundle_to_ort
+
+    convert_bundle_to_ort(bundle.path, args.precision, style=args.ort_style)
+    return 0
 
 
 def _require_export_extra() -> None:

@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from .bundle import open_bundle
-from .errors import PromptError
+from .bundle import GRAPH_NAMES, open_bundle
+from .errors import PromptError, ProviderError
 from .generate import Decoder, Timings, generate_tokens
 from .images import ImageProcessor, load_image
 from .prompt import TextProcessor
-from .providers import make_session, resolve_provider
+from .providers import (DEFAULT_PROVIDER_OPTIONS, QNN_EP, ProviderFallbackWarning, check_fallback, choose_provider,
+                        make_qnn_htp_session, make_session, stdout_to_stderr)
 from .sampling import GenerationSettings
+
+
+class OrtFormatWarning(UserWarning):
+    """prefer_ort=True, but a graph has no ORT-format file recorded: its .onnx is loaded."""
+
 
 # A prompt is plain text (one user turn, images first) or a whole chat as a list of messages.
 Prompt = Union[str, list]
@@ -52,23 +59,84 @@ class SmolVLM:
         threads: int | None = None,
         precision: str | dict[str, str] = "fp32",
         check_files: bool = True,
+        fallback: str | None = None,
+        provider_options: dict | None = None,
+        prefer_ort: bool = False,
     ):
+        """`provider`: a short name (runtime.providers.PROVIDERS); one this onnxruntime lacks raises a
+        ProviderError, or with `fallback="cpu"` warns (ProviderFallbackWarning) and runs on the CPU.
+        `provider="qnn"`: graphs whose build is `qdq` run on the QNN HTP backend with CPU fallback disabled,
+        the others on the CPU. `provider_options`: that provider's options (runtime/providers.py).
+        `prefer_ort`: load the ORT-format file recorded for a graph (`smolvlm-edge convert-ort`) instead
+        of its .onnx; graphs without one load their .onnx, with a warning."""
         self.bundle = open_bundle(model_dir, check_files=check_files)
-        self.providers = resolve_provider(provider)
         precisions = precision if isinstance(precision, dict) else {}
         default = precision if isinstance(precision, str) else "fp32"
+        picked = {name: precisions.get(name, default) for name in GRAPH_NAMES}
+        self.graph_files = self._graph_files(picked, prefer_ort)
+        self.graph_providers = self._place(provider, picked, threads, provider_options, fallback)
+        # The provider list of the decoder's session (the one most of the time goes to).
+        self.providers = self.graph_providers["decoder_model_merged"]
 
-        def session(name: str):
-            path = self.bundle.graph_file(name, precisions.get(name, default))
-            return make_session(path, self.providers, threads)
-
-        self.vision = session("vision_encoder")
-        self.embed_session = session("embed_tokens")
-        self.decoder = Decoder(session("decoder_model_merged"), self.bundle.text)
+        self.vision = self._sessions["vision_encoder"]
+        self.embed_session = self._sessions["embed_tokens"]
+        self.decoder = Decoder(self._sessions.pop("decoder_model_merged"), self.bundle.text)
+        del self._sessions
         self.text = TextProcessor.from_dir(self.bundle.path)
         self.images = ImageProcessor.from_dir(self.bundle.path)
         self.defaults = GenerationSettings.from_dir(self.bundle.path)
         self.max_positions = int(self.bundle.text["max_position_embeddings"])
+
+    def _graph_files(self, picked: dict[str, str], prefer_ort: bool) -> dict[str, Path]:
+        files, missing = {}, []
+        for name, prec in picked.items():
+            files[name] = self.bundle.graph_file(name, prec)
+            if prefer_ort:
+                ort_file = self.bundle.manifest["graphs"][name][prec].get("ort_file")
+                if ort_file:
+                    files[name] = self.bundle.path / ort_file
+                else:
+                    missing.append(f"{name} {prec}")
+        if missing:
+            warnings.warn(f"bundle {self.bundle.path} has no ORT-format file for {', '.join(missing)}; loading the "
+                          ".onnx (make them with `smolvlm-edge convert-ort`)", OrtFormatWarning, stacklevel=3)
+        return files
+
+    def _place(self, provider: str, picked: dict[str, str], threads, options, fallback) -> dict[str, list[str]]:
+        """Open every graph's session; returns the providers each runs with."""
+        self._sessions = {}
+        if provider.strip().lower() != "qnn":
+            choice = choose_provider(provider, threads, options, fallback)
+            for name in GRAPH_NAMES:
+                self._sessions[name] = make_session(self.graph_files[name], choice, threads)
+            return {name: list(choice.providers) for name in GRAPH_NAMES}
+        # QNN HTP: statically quantized (qdq) graphs only; the others stay on the CPU.
+        fallback = check_fallback(fallback)
+        on_htp = [n for n in GRAPH_NAMES if picked[n] == "qdq"
+                  or self.bundle.manifest["graphs"][n][picked[n]].get("recipe") == "qdq"]
+        if not on_htp:
+            raise ProviderError("--provider qnn runs the graphs built with the qdq recipe on the QNN HTP backend, and "
+                                f"{', '.join(f'{g}={p}' for g, p in picked.items())} has none; use e.g. --precision vision=qdq "
+                                "(smolvlm-edge quantize --recipe qdq)")
+        cpu = choose_provider("cpu", threads)
+        placed = {}
+        for name in GRAPH_NAMES:
+            if name in on_htp:
+                try:
+                    qnn_options = {**DEFAULT_PROVIDER_OPTIONS["qnn"], **(options or {})}
+                    with stdout_to_stderr():
+                        self._sessions[name] = make_qnn_htp_session(self.graph_files[name], fallback=False,
+                                                                    options=qnn_options)
+                    placed[name] = [QNN_EP]
+                    continue
+                except ProviderError as exc:
+                    if fallback is None:
+                        raise
+                    warnings.warn(f"{exc}; running {name} on the CPU (--fallback {fallback})",
+                                  ProviderFallbackWarning, stacklevel=3)
+            self._sessions[name] = make_session(self.graph_files[name], cpu, threads)
+            placed[name] = list(cpu.providers)
+        return placed
 
     # ---- inputs -----------------------------------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:

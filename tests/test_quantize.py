@@ -157,7 +157,7 @@ def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
         fp32 = onnx.load(str(bundle / entries["decoder_model_merged"]["fp32"]["file"]), load_external_data=False)
         constants = {t.name for t in fp32.graph.initializer}
         matmuls = sum(n.op_type == "MatMul" and n.input[1] in constants for n in fp32.graph.node)
-        assert decoder["info"]["matmuls_quantized"] == matmuls and decoder["info"]["accuracy_level"] == 0
+        assert decoder["info"]["matmuls_quantized"] == matmuls and decoder["info"]["accuracy_level"] == 4
     generates(bundle, recipe, images[0])
     assert_passes(parity(bundle, recipe, images), recipe)
 
@@ -411,3 +411,31 @@ def test_the_embedding_table_is_stored_once(tiny_checkpoints, tmp_path, images):
     assert "onnx/decoder_model_merged_q4.onnx_data" not in manifest["files"]
     open_bundle(bundle)
     generates(bundle, "q4", images[0])
+
+
+def test_hqq_zero_points_become_a_block_bias_with_the_same_product():
+    """float zero points (onnxruntime's slow path) -> symmetric MatMulNBits + blocksum(A) @ bias: same numbers."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from smolvlm_edge.quantize import weights
+
+    rng = np.random.default_rng(0)
+    k, n = 96, 40
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")], "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [2, 3, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 3, n])],
+        [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    hqq = weights._nbits(model, 4, 32, False, 0, "hqq", [])
+    a = {"A": rng.standard_normal((2, 3, k)).astype(np.float32)}
+    want = ort.InferenceSession(hqq.SerializeToString()).run(None, a)[0]
+    rewritten = onnx.ModelProto.FromString(hqq.SerializeToString())
+    assert len(weights.float_zero_points_to_bias(rewritten)) == 1
+    node = next(x for x in rewritten.graph.node if x.op_type == "MatMulNBits")
+    assert len(node.input) == 3  # no zero points: onnxruntime's fast int4 kernels
+    got = ort.InferenceSession(rewritten.SerializeToString()).run(None, a)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

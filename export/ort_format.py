@@ -1,0 +1,305 @@
+"""ORT format (.ort): the one-file mobile model and a bundle's graphs, converted for onnxruntime mobile builds.
+
+The conversion is onnxruntime's own tool (`python -m onnxruntime.tools.convert_onnx_models_to_ort`, called
+through its Python API `convert_onnx_models_to_ort`): it loads the .onnx in an InferenceSession on the CPU
+EP, optimizes it, saves the graph as an ORT-format flatbuffer and writes `<name>.required_operators.config`,
+the operators (per domain and opset, Loop/If subgraphs included) that an onnxruntime minimal build made
+with `--include_ops_by_config` must contain. What it was seen to handle (onnxruntime 1.32, tests/test_mobile_cli.py):
+com.microsoft ops (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits, ...), the greedy
+`Loop` with the decoder inside, and onnxruntime-extensions ops (`ai.onnx.contrib` HfJsonTokenizer and
+BpeDecoder) once the extensions library is registered for the conversion (the config then lists them
+under `ai.onnx.contrib`; the app registers the same library to load the file).
+
+Optimization style: **Fixed** by default. It runs every optimization (level "all") before saving, so
+the file holds the optimized graph and a session does no graph work at load (and needs no
+`session.enable_saved_runtime_optimizations`). That suits these graphs: the fused decoder's
+com.microsoft ops and the Loop run on onnxruntime's CPU kernels (XNNPACK takes single ops from it).
+Fixed bakes CPU-EP fusions into the graph, which hides nodes from compiling EPs: for NNAPI or CoreML,
+convert with style "runtime" (onnxruntime's guidance: basic optimizations applied, the rest saved and
+replayed at load for the nodes those EPs leave to the CPU); the tool then names the files
+`<name>.with_runtime_opt.ort` and `required_operators.with_runtime_opt.config`.
+
+Target: the mobile model is converted for "arm" (QDQ int8 paths allowed, no x86-only NCHWc layouts);
+bundle graphs without a target (portable: the runtime may run on x86 or ARM).
+
+Limits: an ORT-format file is one flatbuffer, at most 2 GiB (larger models stay .onnx with external
+data); the file carries an ORT format version, so make it with the onnxruntime version the app ships or
+an older one.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, open_bundle, sha256_file
+from smolvlm_edge.runtime.errors import ExportError
+
+STYLES = ("fixed", "runtime")
+CONTRIB_DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions
+# Domains a stock onnxruntime (or onnxruntime-extensions) registers kernels for.
+_KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc",
+                  CONTRIB_DOMAIN}
+ORT_FORMAT_LIMIT = 2**31 - 1  # flatbuffers: one buffer under 2 GiB
+
+
+def _style(style: str):
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle
+
+    key = str(style).strip().lower()
+    if key not in STYLES:
+        raise ExportError(f"unknown ORT optimization style {style!r}; use one of {', '.join(STYLES)}")
+    return OptimizationStyle.Fixed if key == "fixed" else OptimizationStyle.Runtime
+
+
+def _domains(path: Path) -> set[str]:
+    """Opset domains of the model and of its local functions (weights are not read)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {o.domain for o in model.opset_import} | {o.domain for f in model.functions for o in f.opset_import}
+
+
+def _tensors(graph):
+    """Initializers and constant attributes of a graph and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def _model_bytes(path: Path) -> int:
+    """The .onnx file plus the external data files it names."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+
+
+def _extensions_library(path: Path, domains: set[str]) -> Path | None:
+    unknown = sorted(d for d in domains - _KNOWN_DOMAINS)
+    if unknown:
+        raise ExportError(f"{path} uses custom-op domain(s) {unknown}, whose kernels onnxruntime does not have; the "
+                          "ORT-format converter can only convert a model whose custom ops are registered "
+                          "(onnxruntime-extensions' ai.onnx.contrib is the one supported here)")
+    if CONTRIB_DOMAIN not in domains:
+        return None
+    try:
+        import onnxruntime_extensions
+    except ImportError as exc:
+        raise ExportError(f"{path} uses onnxruntime-extensions ops ({CONTRIB_DOMAIN}: the in-graph tokenizer); "
+                          "converting it needs that library: pip install onnxruntime-extensions==0.15.2 "
+                          "(or pip install 'smolvlm-edge[mobile]')") from exc
+    return Path(onnxruntime_extensions.get_library_path())
+
+
+@contextlib.contextmanager
+def _quiet_tool():
+    """The tool prints a line per step and logs at INFO; onnxruntime warns about the max_new_tokens input."""
+    import onnxruntime as ort
+
+    buffer = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("ort_format_model.utils", "ort_format_model", "")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    ort.set_default_logger_severity(3)
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield buffer
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default (warning)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def convert_to_ort(
+    model_path: str | Path,
+    output_dir: str | Path | None = None,
+    style: str = "fixed",
+    target: str | None = "arm",
+    verify: bool = True,
+) -> tuple[Path, Path]:
+    """Convert one .onnx file; returns (the .ort file, its required-operators config), both in `output_dir`
+    (default: beside the model), named as onnxruntime's tool names them. See the module docstring."""
+    import onnxruntime as ort
+    from onnxruntime.tools.convert_onnx_models_to_ort import convert_onnx_models_to_ort
+
+    source = Path(model_path)
+    if not source.is_file():
+        raise ExportError(f"no model file {source}")
+    if source.suffix.lower() != ".onnx":
+        raise ExportError(f"{source} is not an .onnx file")
+    out = Path(output_dir) if output_dir is not None else source.parent
+    optimization = _style(style)
+    if target not in (None, "arm", "amd64"):
+        raise ExportError(f"target must be arm, amd64 or None, got {target!r}")
+    library = _extensions_library(source, _domains(source))
+    size = _model_bytes(source)
+    if size > ORT_FORMAT_LIMIT:
+        raise ExportError(f"{source} holds {size / 2**30:.2f} GiB with its external data; an ORT-format file is one "
+                          "flatbuffer of at most 2 GiB: ship this model as .onnx (+ data), or quantize it first")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".ort-", dir=out)).resolve()
+    try:
+        with _quiet_tool() as log:
+            try:
+                convert_onnx_models_to_ort(source, output_dir=staging, optimization_styles=[optimization],
+                                           custom_op_library_path=library, target_platform=target)
+            except Exception as exc:  # the tool re-raises onnxruntime's untyped errors
+                detail = " ".join(str(exc).split())[:500] or type(exc).__name__
+                raise ExportError(f"onnxruntime {ort.__version__}'s ORT-format converter failed on {source}: {detail}"
+                                  f"{' (tool output: ' + log.getvalue().strip()[-300:] + ')' if log.getvalue().strip() else ''}"
+                                  ) from exc
+        made = sorted(p for p in staging.iterdir() if p.is_file())
+        ort_files = [p for p in made if p.suffix == ".ort"]
+        configs = [p for p in made if p.name.endswith(".config")]
+        if len(ort_files) != 1 or len(configs) != 1:
+            raise ExportError(f"the ORT-format converter wrote {[p.name for p in made]} for {source}; expected one "
+                              ".ort file and one .config")
+        final_ort, final_config = out / ort_files[0].name, out / configs[0].name
+        # The config's header names the models it was made from: name the final file, not the staging copies.
+        lines = configs[0].read_text(encoding="utf-8").splitlines()
+        header = [f"# - {final_ort.name}"]
+        body = [line for line in lines if not line.startswith("# - ")]
+        configs[0].write_text("\n".join(body[:1] + header + body[1:]) + "\n", encoding="utf-8")
+        if verify:
+            _check_loads(ort_files[0], library)
+        os.replace(ort_files[0], final_ort)
+        os.replace(configs[0], final_config)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final_ort, final_config
+
+
+def _check_loads(path: Path, library: Path | None) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"onnxruntime cannot load the converted {path.name}: {' '.join(str(exc).split())[:400]}") from exc
+
+
+# ---------------------------------------------------------------- a bundle's graphs
+
+
+def convert_bundle_to_ort(
+    bundle_dir: str | Path,
+    precision: str | dict[str, str] = "fp32",
+    style: str = "fixed",
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Write `onnx/<graph>{suffix}.ort` (and `.required_operators.config`) for the three graphs of one
+    precision (or a {graph: precision} mix) and record them in manifest.json: entry fields `ort_file`,
+    `ort_required_operators`, `ort_info`; both files in `files` with sha256 and size. As quantize_bundle
+    does: converted in a staging folder inside onnx/, renamed into place, manifest.json replaced last;
+    a failure leaves the bundle as it was."""
+    bundle = open_bundle(bundle_dir)
+    manifest_bytes = (bundle.path / MANIFEST).read_bytes()
+    chosen = precision if isinstance(precision, dict) else {}
+    unknown = sorted(set(chosen) - set(GRAPH_NAMES))
+    if unknown:
+        raise ExportError(f"precision names unknown graph(s) {unknown}; graphs: {', '.join(GRAPH_NAMES)}")
+    default = precision if isinstance(precision, str) else "fp32"
+    picked = {g: chosen.get(g, default) for g in GRAPH_NAMES}
+    sources = {g: bundle.graph_file(g, p) for g, p in picked.items()}  # BundleError names what the bundle has
+    _style(style)
+    import onnxruntime as ort
+
+    onnx_dir = bundle.path / "onnx"
+    staging = Path(tempfile.mkdtemp(prefix=".convert-ort-", dir=onnx_dir))
+    try:
+        built = []
+        for graph, src in sources.items():
+            progress(f"{graph} {picked[graph]}: converting {src.name} to ORT format ({style}) ...")
+            ort_file, config = convert_to_ort(src, staging / graph, style=style, target=None)
+            built.append({"graph": graph, "precision": picked[graph], "files": [ort_file, config]})
+        if (bundle.path / MANIFEST).read_bytes() != manifest_bytes:
+            raise ExportError(f"{bundle.path / MANIFEST} changed while converting; nothing was added, try again")
+        info = {"optimization_style": style, "onnxruntime": ort.__version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        _commit(bundle.path, built, staging, info)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result = {}
+    for b in built:
+        ort_file = onnx_dir / b["files"][0].name
+        result[b["graph"]] = {"precision": b["precision"], "ort_file": f"onnx/{ort_file.name}",
+                              "size_bytes": ort_file.stat().st_size}
+        progress(f"{b['graph']} {b['precision']}: wrote onnx/{ort_file.name} ({ort_file.stat().st_size / 1e6:.2f} MB)")
+    return result
+
+
+def _commit(root: Path, built: list[dict], staging: Path, info: dict) -> None:
+    """Rename the staged files into onnx/ and replace manifest.json (tmp + fsync + os.replace); undo on failure."""
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    onnx_dir = root / "onnx"
+    backups, moved = [], []
+    tmp = root / f"{MANIFEST}.tmp"
+    new_files = {f"onnx/{p.name}" for b in built for p in b["files"]}
+    try:
+        for b in built:
+            entry = manifest["graphs"][b["graph"]][b["precision"]]
+            ort_file, config = b["files"]
+            # A file an earlier conversion recorded under another name (the other style) leaves with its entry.
+            for old in (entry.get("ort_file"), entry.get("ort_required_operators")):
+                if old and old not in new_files and not _still_used(manifest, old, b):
+                    manifest["files"].pop(old, None)
+                    if (root / old).exists():
+                        backup = staging / f"replaced-{Path(old).name}"
+                        os.replace(root / old, backup)
+                        backups.append((root / old, backup))
+            for staged in (ort_file, config):
+                final = onnx_dir / staged.name
+                manifest["files"][f"onnx/{staged.name}"] = {"sha256": sha256_file(staged), "size": staged.stat().st_size}
+                if final.exists():
+                    backup = staging / f"replaced-{staged.name}"
+                    os.replace(final, backup)
+                    backups.append((final, backup))
+                os.replace(staged, final)
+                moved.append(final)
+            entry["ort_file"] = f"onnx/{ort_file.name}"
+            entry["ort_required_operators"] = f"onnx/{config.name}"
+            entry["ort_info"] = dict(info)
+        manifest["files"] = dict(sorted(manifest["files"].items()))
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, root / MANIFEST)
+    except BaseException:
+        for final in moved:
+            final.unlink(missing_ok=True)
+        for final, backup in reversed(backups):
+            os.replace(backup, final)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _still_used(manifest: dict, rel: str, current: dict) -> bool:
+    """Whether another graph/precision entry records `rel` (never the case with per-file names, but be safe)."""
+    for graph, entries in manifest["graphs"].items():
+        for precision, entry in entries.items():
+            if (graph, precision) == (current["graph"], current["precision"]):
+                continue
+            if rel in (entry.get("ort_file"), entry.get("ort_required_operators")):
+                return True
+    return False
