@@ -5,7 +5,7 @@ through its Python API `convert_onnx_models_to_ort`): it loads the .onnx in an I
 EP, optimizes it, saves the graph as an ORT-format flatbuffer and writes `<name>.required_operators.config`,
 the operators (per domain and opset, Loop/If subgraphs included) that an onnxruntime minimal build made
 with `--include_ops_by_config` must contain. What it was seen to handle (onnxruntime 1.32, tests/test_mobile_cli.py):
-com.microsoft ops (GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits, ...), the greedy
+com.microsoft ops (GroupQueryAttention, SkipSimplifiedLayerNormalization, QuickGelu, ...), the greedy
 `Loop` with the decoder inside, and onnxruntime-extensions ops (`ai.onnx.contrib` HfJsonTokenizer and
 BpeDecoder) once the extensions library is registered for the conversion (the config then lists them
 under `ai.onnx.contrib`; the app registers the same library to load the file).
