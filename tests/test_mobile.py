@@ -131,7 +131,10 @@ def test_q4_tokens_equal_the_runtime_and_external_data(bundle, tmp_path, monkeyp
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    quantize_bundle(copy, "q4", progress=lambda _line: None)
+    # accuracy_level 0: inside the Loop body onnxruntime 1.32 appears not to prepack the outer-scope int4 weights
+    # and runs MatMulNBits' float path whatever the level says (measured: the one-file model's tokens equal
+    # the runtime's at level 0 and differ from level 4's at the second token on this tiny model).
+    quantize_bundle(copy, "q4", options={"accuracy_level": 0}, progress=lambda _line: None)
     monkeypatch.setattr(mobile, "EXTERNAL_DATA_THRESHOLD", 0)
     path = mobile.build_mobile_model(copy, tmp_path / "q4.onnx", precision="q4", max_new_tokens=NEW_TOKENS)
     assert (tmp_path / "q4.onnx.data").stat().st_size > 100_000
