@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, open_bundle, sha256_file
+from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, FileSwap, open_bundle, replace_manifest, sha256_file
 from smolvlm_edge.runtime.errors import ExportError
 
 STYLES = ("fixed", "runtime")
@@ -252,9 +252,8 @@ def _commit(root: Path, built: list[dict], staging: Path, info: dict) -> None:
     """Rename the staged files into onnx/ and replace manifest.json (tmp + fsync + os.replace); undo on failure."""
     manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     onnx_dir = root / "onnx"
-    backups, moved = [], []
-    tmp = root / f"{MANIFEST}.tmp"
     new_files = {f"onnx/{p.name}" for b in built for p in b["files"]}
+    swap = FileSwap(staging)
     try:
         for b in built:
             entry = manifest["graphs"][b["graph"]][b["precision"]]
@@ -264,33 +263,17 @@ def _commit(root: Path, built: list[dict], staging: Path, info: dict) -> None:
                 if old and old not in new_files and not _still_used(manifest, old, b):
                     manifest["files"].pop(old, None)
                     if (root / old).exists():
-                        backup = staging / f"replaced-{Path(old).name}"
-                        os.replace(root / old, backup)
-                        backups.append((root / old, backup))
+                        swap.set_aside(root / old)
             for staged in (ort_file, config):
-                final = onnx_dir / staged.name
                 manifest["files"][f"onnx/{staged.name}"] = {"sha256": sha256_file(staged), "size": staged.stat().st_size}
-                if final.exists():
-                    backup = staging / f"replaced-{staged.name}"
-                    os.replace(final, backup)
-                    backups.append((final, backup))
-                os.replace(staged, final)
-                moved.append(final)
+                swap.install(staged, onnx_dir / staged.name)
             entry["ort_file"] = f"onnx/{ort_file.name}"
             entry["ort_required_operators"] = f"onnx/{config.name}"
             entry["ort_info"] = dict(info)
         manifest["files"] = dict(sorted(manifest["files"].items()))
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, root / MANIFEST)
+        replace_manifest(root, manifest)
     except BaseException:
-        for final in moved:
-            final.unlink(missing_ok=True)
-        for final, backup in reversed(backups):
-            os.replace(backup, final)
-        tmp.unlink(missing_ok=True)
+        swap.undo()
         raise
 
 

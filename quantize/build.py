@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, Bundle, open_bundle, sha256_file
+from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, Bundle, FileSwap, open_bundle, replace_manifest, sha256_file
 
 from . import QuantizeError
 from .recipes import NONE, PRECISIONS, RECIPES, QuantizeContext, Recipe, get_recipe, graph_file_name
@@ -251,8 +251,6 @@ def _commit(bundle: Bundle, built: list[dict], staging: Path) -> None:
     """Rename the staged files into onnx/ and replace manifest.json; on any failure undo every rename."""
     onnx_dir = bundle.path / "onnx"
     manifest = json.loads((bundle.path / MANIFEST).read_text())
-    backups, moved = [], []
-    tmp = bundle.path / f"{MANIFEST}.tmp"
     rebuilt = {(b["graph"], b["precision"]) for b in built}
     kept = {rel: (graph, precision) for graph, entries in manifest["graphs"].items()
             for precision, entry in entries.items() if (graph, precision) not in rebuilt for rel in _entry_files(entry)}
@@ -262,6 +260,7 @@ def _commit(bundle: Bundle, built: list[dict], staging: Path) -> None:
                 graph, precision = kept[f"onnx/{name}"]
                 raise QuantizeError(f"the {precision} {graph} shares onnx/{name}, which this build would replace; "
                                     f"rebuild {graph} too")
+    swap = FileSwap(staging)
     try:
         for b in built:
             old = manifest["graphs"][b["graph"]].get(b["precision"])
@@ -270,28 +269,16 @@ def _commit(bundle: Bundle, built: list[dict], staging: Path) -> None:
                     continue
                 manifest["files"].pop(rel, None)
                 if (bundle.path / rel).exists() and Path(rel).name not in b["files"] and rel not in _built_files(built):
-                    backup = staging / f"replaced-{Path(rel).name}"
-                    os.replace(bundle.path / rel, backup)
-                    backups.append((bundle.path / rel, backup))
+                    swap.set_aside(bundle.path / rel)
             for name in b["files"]:
-                staged, final = b["work"] / name, onnx_dir / name
+                staged = b["work"] / name
                 manifest["files"][f"onnx/{name}"] = {"sha256": sha256_file(staged), "size": staged.stat().st_size}
-                if final.exists():
-                    backup = staging / f"replaced-{name}"
-                    os.replace(final, backup)
-                    backups.append((final, backup))
-                os.replace(staged, final)
-                moved.append(final)
+                swap.install(staged, onnx_dir / name)
             manifest["graphs"][b["graph"]][b["precision"]] = b["entry"]
         manifest["files"] = dict(sorted(manifest["files"].items()))
-        _write_manifest(tmp, manifest)
-        os.replace(tmp, bundle.path / MANIFEST)
+        replace_manifest(bundle.path, manifest)
     except BaseException:
-        for final in moved:
-            final.unlink(missing_ok=True)
-        for final, backup in reversed(backups):
-            os.replace(backup, final)
-        tmp.unlink(missing_ok=True)
+        swap.undo()
         raise
 
 
@@ -304,10 +291,3 @@ def _entry_files(entry: dict | None) -> list[str]:
         return []
     extra = entry.get("external_data") or []
     return [entry["file"], *([extra] if isinstance(extra, str) else extra)]
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,3 +88,42 @@ def verify_files(bundle: Bundle) -> None:
             raise BundleError(
                 f"{file} has sha256 {digest[:16]}… but {MANIFEST} says {entry['sha256'][:16]}…: the file was changed"
             )
+
+
+class FileSwap:
+    """Renames staged files into a bundle, keeping each file it replaces, so that `undo` puts all back."""
+
+    def __init__(self, staging: Path):
+        self.staging = staging
+        self.backups: list[tuple[Path, Path]] = []
+        self.moved: list[Path] = []
+
+    def set_aside(self, path: Path) -> None:
+        backup = self.staging / f"replaced-{path.name}"
+        os.replace(path, backup)
+        self.backups.append((path, backup))
+
+    def install(self, staged: Path, final: Path) -> None:
+        if final.exists():
+            self.set_aside(final)
+        os.replace(staged, final)
+        self.moved.append(final)
+
+    def undo(self) -> None:
+        for final in self.moved:
+            final.unlink(missing_ok=True)
+        for final, backup in reversed(self.backups):
+            os.replace(backup, final)
+
+
+def replace_manifest(folder: Path, manifest: dict) -> None:
+    """Write manifest.json atomically: a synced temporary file, then os.replace (the bundle's commit point)."""
+    tmp = folder / f"{MANIFEST}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / MANIFEST)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -55,3 +55,21 @@ def make_image(width: int, height: int, seed: int = 0, mode: str = "RGB"):
     yy, xx = np.mgrid[0:height, 0:width]
     base[..., 0] = ((xx * 255) // max(width - 1, 1)).astype(np.uint8)
     return Image.fromarray(base, "RGB").convert(mode)
+
+
+@pytest.fixture(scope="session")
+def qdq_vision_bundle(tiny_bundles, tmp_path_factory):
+    """A copy of the tiny 256m bundle with a qdq vision build (one frame) beside its fp32 graphs."""
+    import shutil
+
+    from smolvlm_edge.quantize.build import quantize_bundle
+
+    root = tmp_path_factory.mktemp("qdq-vision")
+    bundle = root / "bundle"
+    shutil.copytree(tiny_bundles("256m"), bundle)
+    calib = root / "calib.png"
+    make_image(300, 200, seed=11).save(calib)
+    quantize_bundle(bundle, "qdq", graphs={"vision": "qdq", "embed": "none", "decoder": "none"},
+                    calibration_images=(calib,), calibration_prompts=("Describe the picture.",),
+                    progress=lambda line: None)
+    return bundle

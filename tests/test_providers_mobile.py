@@ -8,7 +8,6 @@ provider it lacks, with its own warning) after `onnxruntime.get_available_provid
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import numpy as np
@@ -148,22 +147,6 @@ def test_bad_options_and_fallbacks_are_refused(capsys, bundle):
 
 
 # ---------------------------------------------------------------- QNN: qdq graphs on the HTP simulator
-
-
-@pytest.fixture(scope="module")
-def qdq_vision_bundle(tiny_bundles, tmp_path_factory):
-    """A copy of the tiny 256m bundle with a qdq vision build (one frame) beside its fp32 graphs (as in test_qdq.py)."""
-    from smolvlm_edge.quantize.build import quantize_bundle
-
-    root = tmp_path_factory.mktemp("qdq-vision-qnn")
-    bundle = root / "bundle"
-    shutil.copytree(tiny_bundles("256m"), bundle)
-    calib = root / "calib.png"
-    make_image(300, 200, seed=11).save(calib)
-    quantize_bundle(bundle, "qdq", graphs={"vision": "qdq", "embed": "none", "decoder": "none"},
-                    calibration_images=(calib,), calibration_prompts=("Describe the picture.",),
-                    progress=lambda line: None)
-    return bundle
 
 
 QDQ_VISION = {"vision_encoder": "qdq", "embed_tokens": "fp32", "decoder_model_merged": "fp32"}

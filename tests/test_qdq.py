@@ -177,25 +177,6 @@ def test_htp_coverage_lists_taken_and_refused_op_types(qnn, built):
     assert any("shape" in r.lower() for reasons in decoder["refused_reasons"].values() for r in reasons)
 
 
-@pytest.fixture(scope="module")
-def qdq_vision_bundle(tiny_bundles, tmp_path_factory):
-    """A copy of the tiny 256m bundle with a qdq vision build (one frame) beside its fp32 graphs."""
-    import shutil
-
-    from conftest import make_image
-    from smolvlm_edge.quantize.build import quantize_bundle
-
-    root = tmp_path_factory.mktemp("qdq-vision")
-    bundle = root / "bundle"
-    shutil.copytree(tiny_bundles("256m"), bundle)
-    calib = root / "calib.png"
-    make_image(300, 200, seed=11).save(calib)
-    quantize_bundle(bundle, "qdq", graphs={"vision": "qdq", "embed": "none", "decoder": "none"},
-                    calibration_images=(calib,), calibration_prompts=("Describe the picture.",),
-                    progress=lambda line: None)
-    return bundle
-
-
 def test_runtime_feeds_a_one_frame_graph_frame_by_frame(qdq_vision_bundle):
     """A split image (several frames) through the qdq vision build, which takes exactly one frame."""
     from conftest import make_image

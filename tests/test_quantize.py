@@ -363,11 +363,10 @@ def test_a_failed_commit_puts_everything_back(fresh, monkeypatch):
     quantize_bundle(fresh, "int8", graphs={"embed": "none", "decoder": "none"}, progress=lambda line: None)
     before = snapshot(fresh)
 
-    def full_disk(path, manifest):
-        path.write_text("{")
+    def full_disk(folder, manifest):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(build, "_write_manifest", full_disk)
+    monkeypatch.setattr(build, "replace_manifest", full_disk)
     with pytest.raises(OSError, match="No space left"):
         quantize_bundle(fresh, "int8", overwrite=True, progress=lambda line: None)
     assert snapshot(fresh) == before
