@@ -618,11 +618,13 @@ def build_mobile_model(
     with_tokenizer: bool = False,
     progress=None,
     verify: bool = True,
+    stop_token_ids: list[int] | None = None,
 ) -> Path:
     """Write one ONNX file: image (+ prompt ids, or a question) -> greedy ids (+ answer). See the module docstring.
 
     `precision`: one precision for all graphs or {graph: precision}; `verify`: load the file in onnxruntime
-    before returning (it holds the weights in memory once more); `progress`: called with a line per step."""
+    before returning (it holds the weights in memory once more); `progress`: called with a line per step;
+    `stop_token_ids`: instead of the bundle's (benchmarks pass [-1], never produced, to decode exactly N)."""
     import onnx
     from onnx import TensorProto as TP
     from onnx import helper
@@ -687,7 +689,7 @@ def build_mobile_model(
                                     name=f"main/merge_image_features:input_ids_need_exactly_{tokens_per_image}_image_tokens"))
 
     # The greedy loop: iteration 0 = prefill, then one token per iteration
-    stop_ids = sorted(text.stop_token_ids)
+    stop_ids = sorted(text.stop_token_ids if stop_token_ids is None else stop_token_ids)
     body, empty_pasts = _decode_loop(b, models, inits, text_cfg, stop_ids, embeds_type)
     n_carried = len(empty_pasts) + 1
     loop_outs = [f"main/loop_final_{k}" for k in range(n_carried)] + ["main/loop_tokens"]
