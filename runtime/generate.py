@@ -69,6 +69,7 @@ class InPlaceCache:
         self.lengths = [0] * batch  # valid positions per row
         self.arrays = [self._zeros(self.capacity) for _ in range(batch)]
         self.values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in row] for row in self.arrays]
+        self.bindings: list = [None] * batch  # per row, made once: rebinding 2 x layers buffers every step costs
 
     def _zeros(self, capacity: int) -> list[np.ndarray]:
         shape = (1, self.decoder.kv_heads, capacity, self.decoder.head_dim)
@@ -84,6 +85,7 @@ class InPlaceCache:
             new[:, :, :self.lengths[row]] = old[:, :, :self.lengths[row]]
         self.arrays[row] = bigger
         self.values[row] = [ort.OrtValue.ortvalue_from_numpy(a) for a in bigger]
+        self.bindings[row] = None
 
     def run(self, embeds: np.ndarray, attention_mask: np.ndarray, last_only: bool = False) -> np.ndarray:
         batch, steps = embeds.shape[:2]
@@ -106,21 +108,29 @@ class InPlaceCache:
         total = self.lengths[row] + steps
         if total > self.arrays[row][0].shape[2]:
             self._grow(row, total)
-        binding = decoder.session.io_binding()
-        binding.bind_output("logits")  # first: get_outputs() follows the binding order
+        binding = self.bindings[row] or self._binding(row)
+        binding.bind_output("logits")  # rebound each step: a new output of this step's length
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         if decoder.takes_keep:
             binding.bind_cpu_input(KEEP_LOGITS, np.array(1 if last_only else 0, dtype=np.int64))
         if "position_ids" in decoder.input_names:  # declared by the contract, derived from the mask by GQA
             binding.bind_cpu_input("position_ids", np.arange(self.lengths[row], total, dtype=np.int64)[None])
+        decoder.session.run_with_iobinding(binding)
+        self.lengths[row] = total
+        return binding.get_outputs()[0].numpy()
+
+    def _binding(self, row: int):
+        """The row's IO binding with its cache buffers bound as past and present (logits first: outputs keep order)."""
+        decoder = self.decoder
+        binding = decoder.session.io_binding()
+        binding.bind_output("logits")
         names = zip((n for pair in decoder.past_names for n in pair), (n for pair in decoder.present_names for n in pair))
         for (past, present), value in zip(names, self.values[row]):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        decoder.session.run_with_iobinding(binding)
-        self.lengths[row] = total
-        return binding.get_outputs()[0].numpy()
+        self.bindings[row] = binding
+        return binding
 
 
 @dataclass
