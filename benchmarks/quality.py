@@ -24,9 +24,11 @@ DEFAULT_ROWS = {
     "fp16": ("fp16", {}),
     "int8 (dynamic)": ("int8", {}),
     "int8 (weight-only)": ("int8", {"mode": "weight_only"}),
+    "int8 (weight-only, accuracy_level 0)": ("int8", {"mode": "weight_only", "accuracy_level": 0}),
     "q4 (rtn)": ("q4", {"algorithm": "rtn"}),
     "q4 (hqq, 4-bit lm_head and table)": ("q4", {"lm_head_bits": 4, "share_embeddings": False}),
     "q4 (hqq)": ("q4", {}),
+    "q4 (hqq, accuracy_level 0)": ("q4", {"accuracy_level": 0}),
     "q4f16 (hqq)": ("q4f16", {}),
     "q4f16 (hqq; vision hqq, blocks of 32)": ("q4f16", {"vision": {"algorithm": "hqq", "block_size": 32}}),
 }

@@ -9,8 +9,8 @@ engine, after one warm-up, `--repeats` runs of: vision ms per frame (1 frame, an
 batch), time to first token for one 512x512 picture and "What is in this image?" (no tiles,
 greedy), prefill tok/s for `--prefill-tokens` ids of quantize/data/reference_text.txt, and decode
 tok/s for `--decode-tokens` greedy steps after it (EOS ignored). Median and min/max of each.
-PyTorch's text path applies lm_head to the last position only (as generate() does); the ONNX
-decoder graph returns logits for every prefill position. llama.cpp has no vision here.
+Both PyTorch's text path and ours compute logits for the last position only (as generation does;
+the fused graph's num_logits_to_keep). llama.cpp has no vision here.
 Prints one JSON record per engine and a Markdown table with ratios; writes bench.jsonl, bench.md
 and bench.png under `--out`.
 """
@@ -96,12 +96,14 @@ class OrtEngine:
         decoder, n = self.vlm.decoder, ids.shape[1]
         t0 = time.perf_counter()
         cache = decoder.empty_cache(1, capacity=n + steps)
-        logits, cache = decoder(self.vlm.embed(ids), np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None], cache)
+        # last_only: logits of the last position only, as generation asks (and as PyTorch's text path does)
+        logits, cache = decoder(self.vlm.embed(ids), np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None],
+                                cache, last_only=True)
         t1 = time.perf_counter()
         for i in range(steps):
             token = np.array([[logits[0, -1].argmax()]], dtype=np.int64)
             logits, cache = decoder(self.vlm.embed(token), np.ones((1, n + i + 1), np.int64),
-                                    np.array([[n + i]], dtype=np.int64), cache)
+                                    np.array([[n + i]], dtype=np.int64), cache, last_only=True)
         return t1 - t0, time.perf_counter() - t1
 
 
