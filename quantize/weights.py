@@ -291,6 +291,10 @@ def float_zero_points_to_bias(model: onnx.ModelProto) -> list[str]:
     ReduceSum of A over each block of K. Weights whose K is not a whole number of blocks stay as they are.
     """
     inits = _initializers(model)
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            uses[name] = uses.get(name, 0) + 1
     nodes, biases = [], []
     for node in model.graph.node:
         attrs = {a.name: a.i for a in node.attribute}
@@ -310,7 +314,7 @@ def float_zero_points_to_bias(model: onnx.ModelProto) -> list[str]:
         weight = numpy_helper.from_array(bias, f"{name}_block_bias")
         model.graph.initializer.extend([shape, axis, weight])
         biases.append(weight.name)
-        if sum(i == node.input[3] for n_ in model.graph.node for i in n_.input) == 1:
+        if uses[node.input[3]] == 1:
             model.graph.initializer.remove(zp)
         del node.input[3:]
         node.output[0] = f"{out}_symmetric"

@@ -34,7 +34,9 @@ class Decoder:
         first_past = inputs[self.past_names[0][0]]
         # [batch_size, kv_heads, past_sequence_length, head_dim]: heads and head size are fixed numbers.
         self.kv_heads, self.head_dim = int(first_past.shape[1]), int(first_past.shape[3])
-        self.output_names = ["logits"] + [n for pair in self.present_names for n in pair]
+        self.flat_past = [n for pair in self.past_names for n in pair]
+        self.flat_present = [n for pair in self.present_names for n in pair]
+        self.output_names = ["logits"] + self.flat_present
         self.fused = text.get("attention") == "fused"
         self.max_length = int(text["max_position_embeddings"])
         # The fused graph's scalar input: logits for the last N positions only (0: all; generation reads one).
@@ -55,7 +57,7 @@ class Decoder:
             return cache.run(embeds, attention_mask, last_only), cache
         feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
                 KEEP_LOGITS: np.array(1 if last_only else 0, dtype=np.int64)}
-        feed.update(zip((n for pair in self.past_names for n in pair), cache))
+        feed.update(zip(self.flat_past, cache))
         outputs = self.session.run(self.output_names, {k: v for k, v in feed.items() if k in self.input_names})
         return (outputs[0][:, -1:] if last_only else outputs[0]), outputs[1:]
 
@@ -65,9 +67,8 @@ class InPlaceCache:
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
         self.decoder = decoder
-        self.capacity = max(capacity, 1)
         self.lengths = [0] * batch  # valid positions per row
-        self.arrays = [self._zeros(self.capacity) for _ in range(batch)]
+        self.arrays = [self._zeros(max(capacity, 1)) for _ in range(batch)]
         self.values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in row] for row in self.arrays]
         self.bindings: list = [None] * batch  # per row, made once: rebinding 2 x layers buffers every step costs
 
@@ -125,8 +126,7 @@ class InPlaceCache:
         decoder = self.decoder
         binding = decoder.session.io_binding()
         binding.bind_output("logits")
-        names = zip((n for pair in decoder.past_names for n in pair), (n for pair in decoder.present_names for n in pair))
-        for (past, present), value in zip(names, self.values[row]):
+        for past, present, value in zip(decoder.flat_past, decoder.flat_present, self.values[row]):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         self.bindings[row] = binding
