@@ -92,10 +92,11 @@ def share_embedding_table(embed: dict, decoder: dict, fp32_embed: Path, progress
         progress(f"embed_tokens keeps its own table: it differs from the lm_head by {steps:.1f} quantization steps")
         return False
 
-    # The decoder: lm_head codes and scales into its external data file (appended when it has one).
+    # The decoder: every weight (the lm_head's codes and scales included) into its external data file.
     data_name = dec_file.with_suffix(".onnx_data").name
+    (dec_file.parent / data_name).unlink(missing_ok=True)  # its weights are in memory; onnx would append
     onnx.save_model(dec, str(dec_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=min(len(codes_t.raw_data), len(scales_t.raw_data)))
+                    location=data_name, size_threshold=1024)
     written = {t.name: t for t in onnx.load(str(dec_file), load_external_data=False).graph.initializer}
     refs = {name: {e.key: e.value for e in written[name].external_data} for name in (head.input[1], head.input[2])}
 

@@ -21,6 +21,9 @@ from .recipes import QuantizeContext
 
 # Protobuf cannot serialise 2 GiB; keep a margin for the graph itself.
 _PROTO_LIMIT = DEFAULT_EXTERNAL_DATA_THRESHOLD - (64 << 20)
+# Above this, quantized weights go to `.onnx_data`: onnxruntime maps that file lazily and unmaps it once
+# MatMulNBits has packed its weights, while an inline proto is read whole (256M q4 decoder: -24 MB RSS).
+EXTERNAL_DATA_BYTES = 32 << 20
 _NORM_OPS = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Div")
 _QUANT_OPS = {"MatMulNBits", "GatherBlockQuantized", "MatMulBnb4", "MatMulInteger", "DynamicQuantizeLinear",
               "QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "ConvInteger", "DynamicQuantizeMatMul"}
@@ -42,8 +45,8 @@ def load_header(src: Path) -> onnx.ModelProto:
 
 
 def save(model: onnx.ModelProto, dst: Path) -> None:
-    """Write `dst`; weights go to `dst`.onnx_data beside it when they would pass protobuf's 2 GB."""
-    if _weight_bytes(model) > _PROTO_LIMIT:
+    """Write `dst`; weights go to `dst`.onnx_data beside it above EXTERNAL_DATA_BYTES."""
+    if _weight_bytes(model) > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=dst.with_suffix(".onnx_data").name, size_threshold=1024)
     else:

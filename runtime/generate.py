@@ -13,6 +13,9 @@ from .sampling import GenerationSettings, TokenChooser
 
 
 KEEP_LOGITS = "num_logits_to_keep"  # export/fused_decoder.py's scalar input (the runtime cannot import export)
+# A fused decoder reads a long prompt this many positions at a time (0: all at once). Measured on the
+# 256M q4 decoder, 256-token prompt: see issue 4's note.
+PREFILL_CHUNK = 64
 
 
 class Decoder:
@@ -41,6 +44,7 @@ class Decoder:
         self.max_length = int(text["max_position_embeddings"])
         # The fused graph's scalar input: logits for the last N positions only (0: all; generation reads one).
         self.takes_keep = KEEP_LOGITS in self.input_names
+        self.prefill_chunk = PREFILL_CHUNK if self.fused else 0
 
     def empty_cache(self, batch: int, capacity: int = 0):
         """An empty cache for `batch` rows; a fused graph's buffers hold `capacity` positions (grown if needed)."""
@@ -105,6 +109,14 @@ class InPlaceCache:
         return logits
 
     def _run_row(self, row: int, embeds: np.ndarray, last_only: bool) -> np.ndarray:
+        """One row's positions, in chunks of at most `decoder.prefill_chunk` (GQA attends to the cache
+        written by the chunks before): a long prompt's activations then never all live at once."""
+        chunk = self.decoder.prefill_chunk or embeds.shape[1]
+        parts = [embeds[:, i:i + chunk] for i in range(0, embeds.shape[1], chunk)] or [embeds]
+        outputs = [self._run_chunk(row, part, last_only) for part in parts]
+        return outputs[-1] if last_only else np.concatenate(outputs, axis=1)
+
+    def _run_chunk(self, row: int, embeds: np.ndarray, last_only: bool) -> np.ndarray:
         decoder, steps = self.decoder, embeds.shape[1]
         total = self.lengths[row] + steps
         if total > self.arrays[row][0].shape[2]:

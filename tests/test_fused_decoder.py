@@ -182,3 +182,27 @@ def test_logits_for_the_last_positions_only(fused):
     last = fused.session.run(["logits"], {**feeds, "num_logits_to_keep": np.array(1, dtype=np.int64)})[0]
     assert last.shape == (1, 1, full.shape[-1])
     np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [4, 0])
+def test_runtime_prefill_in_chunks_matches_pytorch(fused, chunk):
+    """The runtime's Decoder reads a prompt `chunk` positions at a time (9 = 4 + 4 + 1; 0: at once):
+    each chunk attends to the cache the chunks before it wrote, so every logit matches PyTorch's."""
+    from smolvlm_edge.runtime.generate import Decoder
+
+    layers = fused.text.num_hidden_layers
+    text = {"num_layers": layers, "past_key_name": "past_key_values.%d.key", "past_value_name": "past_key_values.%d.value",
+            "present_key_name": "present.%d.key", "present_value_name": "present.%d.value", "attention": "fused",
+            "max_position_embeddings": MAX_LENGTH}
+    assert Decoder(fused.session, text).prefill_chunk > 0  # on by default for fused graphs
+    runner = Decoder(fused.session, text)
+    runner.prefill_chunk = chunk
+    cache = runner.empty_cache(1, capacity=PREFILL + DECODE_STEPS)
+    for step, (embeds, mask, positions, ref_logits, _) in enumerate(reference_steps(fused.model, 1, seed=2)):
+        logits, cache = runner(embeds, mask, positions, cache)
+        assert logits.shape == ref_logits.shape
+        check(logits, ref_logits, f"chunk {chunk}, step {step} logits")
+    assert cache.lengths == [PREFILL + DECODE_STEPS]
+    embeds, mask, positions, ref_logits, _ = reference_steps(fused.model, 1, seed=2)[0]
+    last, _ = runner(embeds, mask, positions, runner.empty_cache(1, capacity=PREFILL), last_only=True)
+    check(last, ref_logits[:, -1:], f"chunk {chunk}, last position only")

@@ -372,21 +372,27 @@ def test_a_failed_commit_puts_everything_back(fresh, monkeypatch):
     assert snapshot(fresh) == before
 
 
-def test_the_embedding_table_is_stored_once(tiny_checkpoints, tmp_path, images):
-    """q4's default: embed_tokens reads the decoder's 8-bit lm_head blocks from the decoder's data file."""
+def _copied_head_bundle(tiny_checkpoints, tmp_path) -> Path:
+    """A tiny bundle whose untied lm_head is a copy of the embedding table, as in SmolVLM."""
     import torch
     from transformers import Idefics3ForConditionalGeneration
 
     from smolvlm_edge.export.api import export_checkpoint
-    from smolvlm_edge.runtime.bundle import open_bundle
 
-    checkpoint = tmp_path / "copied-head"  # an untied lm_head that is a copy of the table, as in SmolVLM
+    checkpoint = tmp_path / "copied-head"
     shutil.copytree(tiny_checkpoints("256m"), checkpoint)
     model = Idefics3ForConditionalGeneration.from_pretrained(checkpoint)
     with torch.no_grad():
         model.lm_head.weight.copy_(model.get_input_embeddings().weight)
     model.save_pretrained(checkpoint)
-    bundle = export_checkpoint(str(checkpoint), tmp_path / "bundle", progress=lambda line: None)
+    return export_checkpoint(str(checkpoint), tmp_path / "bundle", progress=lambda line: None)
+
+
+def test_the_embedding_table_is_stored_once(tiny_checkpoints, tmp_path, images):
+    """q4's default: embed_tokens reads the decoder's 8-bit lm_head blocks from the decoder's data file."""
+    from smolvlm_edge.runtime.bundle import open_bundle
+
+    bundle = _copied_head_bundle(tiny_checkpoints, tmp_path)
     quantize_bundle(bundle, "q4", progress=lambda line: None)
     manifest = json.loads((bundle / "manifest.json").read_text())
     embed, decoder = manifest["graphs"]["embed_tokens"]["q4"], manifest["graphs"]["decoder_model_merged"]["q4"]
@@ -438,3 +444,26 @@ def test_hqq_zero_points_become_a_block_bias_with_the_same_product():
     assert len(node.input) == 3  # no zero points: onnxruntime's fast int4 kernels
     got = ort.InferenceSession(rewritten.SerializeToString()).run(None, a)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_large_builds_keep_their_weights_in_one_data_file(tiny_checkpoints, tmp_path, images, monkeypatch):
+    """Above EXTERNAL_DATA_BYTES (here: always) every weight goes to `.onnx_data`, written once even
+    when the shared table rewrites the decoder (onnx appends to an existing data file)."""
+    import onnx
+
+    from smolvlm_edge.quantize import weights
+    from smolvlm_edge.runtime.bundle import open_bundle
+
+    bundle = _copied_head_bundle(tiny_checkpoints, tmp_path)
+    monkeypatch.setattr(weights, "EXTERNAL_DATA_BYTES", 0)
+    quantize_bundle(bundle, "q4", progress=lambda line: None)
+    decoder_file = bundle / "onnx" / "decoder_model_merged_q4.onnx"
+    data = decoder_file.with_suffix(".onnx_data")
+    header = onnx.load(str(decoder_file), load_external_data=False)
+    external = [t for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    stored = sum(int(next(e.value for e in t.external_data if e.key == "length")) for t in external)
+    assert external and not [t for t in header.graph.initializer if len(t.raw_data) > 1024]
+    assert stored <= data.stat().st_size < stored + 4096 * len(external)  # each tensor once (plus alignment)
+    assert decoder_file.stat().st_size < data.stat().st_size
+    open_bundle(bundle)
+    generates(bundle, "q4", images[0])
