@@ -188,9 +188,14 @@ def _build(bundle: Bundle, step: Step, context: QuantizeContext, staging: Path, 
     progress(f"{step.graph}: building {step.precision} ...")
     started = time.perf_counter()
     function = step.recipe.load()
+    attention = None
+    if step.graph == "vision_encoder" and step.recipe.name not in STANDARD_OPS_RECIPES:
+        src, attention = _fused_vision_source(bundle, src, staging)
     with _quiet():
         try:
             info = function(src, dst, step.graph, dict(step.options), context)
+            if attention is not None:
+                info = {**info, "attention": attention}
         except (QuantizeError, KeyboardInterrupt):
             raise
         except Exception as exc:  # the quantizers raise many types; name the graph and the recipe
@@ -222,6 +227,24 @@ def _build(bundle: Bundle, step: Step, context: QuantizeContext, staging: Path, 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return {"graph": step.graph, "precision": step.precision, "work": work, "files": files, "entry": entry}
+
+
+# Recipes whose graphs must stay standard ONNX ops (NPUs): the vision attention is not fused for them.
+STANDARD_OPS_RECIPES = ("qdq",)
+
+
+def _fused_vision_source(bundle: Bundle, src: Path, staging: Path) -> tuple[Path, dict]:
+    """The fp32 vision graph with MultiHeadAttention (quantize/attention.py) when the rewrite reproduces it."""
+    from .attention import fused_vision_copy
+
+    fused = staging / "fused-source" / src.name
+    if not fused.is_file():
+        fused.parent.mkdir(exist_ok=True)
+        with _quiet():
+            report = fused_vision_copy(src, fused, int(bundle.manifest["vision"]["image_size"]))
+        (fused.parent / "report.json").write_text(json.dumps(report))
+    report = json.loads((fused.parent / "report.json").read_text())
+    return (fused if report["attention"] == "fused" else src), report
 
 
 def _check_io(path: Path, source: dict, step: Step) -> dict:

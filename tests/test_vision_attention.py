@@ -1,0 +1,87 @@
+"""The vision graph's traced attention fused into MultiHeadAttention for CPU recipes (quantize/attention.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from conftest import CHECKPOINT_KINDS  # noqa: E402
+from smolvlm_edge.quantize.attention import _frames_with_a_partial_mask, fuse_vision_attention, fused_vision_copy  # noqa: E402
+
+
+def _ops(path) -> dict:
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINT_KINDS))
+def test_fused_copy_reproduces_the_traced_graph(tiny_bundles, tmp_path, kind):
+    """One MultiHeadAttention per encoder layer; no Softmax left; same features on frames with a partial mask."""
+    bundle = tiny_bundles(kind)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    src = bundle / manifest["graphs"]["vision_encoder"]["fp32"]["file"]
+    report = fused_vision_copy(src, tmp_path / "vision_fused.onnx", manifest["vision"]["image_size"])
+    assert report["attention"] == "fused", report
+    ops = _ops(tmp_path / "vision_fused.onnx")
+    assert ops["MultiHeadAttention"] == report["blocks"] == _ops(src)["Softmax"] > 0
+    assert "Softmax" not in ops
+    feeds = _frames_with_a_partial_mask(manifest["vision"]["image_size"])
+    assert not feeds["pixel_attention_mask"][0, 0].all()  # keys of the first frame are masked
+    want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                 for p in (src, tmp_path / "vision_fused.onnx"))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    assert report["max_diff"] <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_the_mask_reaches_the_fused_attention(tiny_bundles, tmp_path):
+    """Dropping the key mask changes the masked frame's features: the rewrite's check would notice."""
+    bundle = tiny_bundles("256m")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    model = onnx.load(str(bundle / manifest["graphs"]["vision_encoder"]["fp32"]["file"]))
+    assert fuse_vision_attention(model) > 0
+    unmasked = onnx.ModelProto()
+    unmasked.CopyFrom(model)
+    for node in unmasked.graph.node:
+        if node.op_type == "MultiHeadAttention":
+            del node.input[3:]
+    feeds = _frames_with_a_partial_mask(manifest["vision"]["image_size"])
+    masked_out, unmasked_out = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                                .run(None, feeds)[0] for m in (model, unmasked))
+    assert np.abs(masked_out[0] - unmasked_out[0]).max() > 1e-3  # the partial frame depends on its mask
+    np.testing.assert_allclose(masked_out[1], unmasked_out[1], atol=1e-5)  # the full frame does not
+
+
+def test_a_graph_without_attention_stays_plain(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["y"])], "g", [x],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    report = fused_vision_copy(tmp_path / "plain.onnx", tmp_path / "out.onnx", 8)
+    assert report == {"attention": "plain", "why": "no traced attention block found"}
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cpu_recipes_fuse_and_qdq_keeps_standard_ops(tiny_bundles, tmp_path, qdq_vision_bundle):
+    """int8's vision build carries MultiHeadAttention and says so in the manifest; qdq's has none (NPUs)."""
+    import shutil
+
+    from smolvlm_edge.quantize.build import quantize_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles("256m"), bundle)
+    quantize_bundle(bundle, "int8", graphs={"embed": "none", "decoder": "none"}, progress=lambda line: None)
+    entry = json.loads((bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["int8"]
+    assert entry["info"]["attention"]["attention"] == "fused"
+    assert _ops(bundle / entry["file"]).get("MultiHeadAttention", 0) == entry["info"]["attention"]["blocks"] > 0
+    qdq = json.loads((qdq_vision_bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["qdq"]
+    assert "MultiHeadAttention" not in _ops(qdq_vision_bundle / qdq["file"])
+    assert not list((bundle / "onnx").glob(".quantize-*"))  # the fused source lived in the staging folder
