@@ -6,9 +6,9 @@ EP, optimizes it, saves the graph as an ORT-format flatbuffer and writes `<name>
 the operators (per domain and opset, Loop/If subgraphs included) that an onnxruntime minimal build made
 with `--include_ops_by_config` must contain. What it was seen to handle (onnxruntime 1.32, tests/test_mobile_cli.py):
 com.microsoft ops (GroupQueryAttention, SkipSimplifiedLayerNormalization, QuickGelu, ...), the greedy
-`Loop` with the decoder inside, and onnxruntime-extensions ops (`ai.onnx.contrib` HfJsonTokenizer and
-BpeDecoder) once the extensions library is registered for the conversion (the config then lists them
-under `ai.onnx.contrib`; the app registers the same library to load the file).
+`Loop` with the decoder inside, and onnxruntime-extensions ops (`ai.onnx.contrib` GPT2Tokenizer,
+StringECMARegexSplitWithOffsets and BpeDecoder, or HfJsonTokenizer) once the extensions library is registered
+for the conversion (the config then lists them under `ai.onnx.contrib`; the app registers the same library).
 
 Optimization style: **Fixed** by default. It runs every optimization (level "all") before saving, so
 the file holds the optimized graph and a session does no graph work at load (and needs no
@@ -23,8 +23,13 @@ Target: the mobile model is converted for "arm" (QDQ int8 paths allowed, no x86-
 bundle graphs without a target (portable: the runtime may run on x86 or ARM).
 
 Limits: an ORT-format file is one flatbuffer, at most 2 GiB (larger models stay .onnx with external
-data); the file carries an ORT format version, so make it with the onnxruntime version the app ships or
-an older one.
+data). Versions: onnxruntime 1.20.1 and 1.32 both write ORT format version 6 (`ort_format_version` reads it),
+yet a file is tied to the onnxruntime that wrote it: its nodes carry that version's attributes and fusions
+(measured: the mobile model's .ort written by 1.32 fails to load in 1.20.1, "Unrecognized attribute:
+qk_norm_epsilon for operator GroupQueryAttention"; the same .onnx converted by 1.20.1 loads and gives the same
+ids). onnxruntime's documentation: a release runs the ORT format versions up to its own, no promise for newer
+files. So convert with the onnxruntime the app ships (or an older one); the writer's version is recorded in the
+config's header and, for a bundle, in each entry's `ort_info`.
 """
 from __future__ import annotations
 
@@ -48,6 +53,47 @@ CONTRIB_DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions
 _KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc",
                   CONTRIB_DOMAIN}
 ORT_FORMAT_LIMIT = 2**31 - 1  # flatbuffers: one buffer under 2 GiB
+# onnxruntime-android in android_demo/gradle/libs.versions.toml: keep in step. A .ort written by a newer onnxruntime
+# may not load there (see the module docstring).
+ANDROID_DEMO_ONNXRUNTIME = "1.20.0"
+
+
+class OrtVersionWarning(UserWarning):
+    """An .ort file written by an onnxruntime newer than the one the Android demo ships."""
+
+
+def ort_files_made_from(model_path: str | Path) -> list[Path]:
+    """The files convert_to_ort writes beside `model_path`, for both styles (stale once the .onnx is rewritten)."""
+    path = Path(model_path)
+    stem = path.name[:-len(path.suffix)] if path.suffix else path.name
+    return [path.with_name(stem + end) for end in (".ort", ".with_runtime_opt.ort", ".required_operators.config",
+                                                   ".required_operators.with_runtime_opt.config")]
+
+
+def ort_format_version(path: str | Path) -> str | None:
+    """The ORT format version an .ort file declares (its flatbuffer's `ort_version`), or None if unreadable."""
+    import mmap
+
+    try:
+        from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
+
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            version = InferenceSession.GetRootAsInferenceSession(buf, 0).OrtVersion()
+        return version.decode("utf-8") if version else None
+    except Exception:  # an older onnxruntime without the bindings, or not an ORT file: the version is optional
+        return None
+
+
+def app_version_warning(ort_file: Path, writer: str, app: str = ANDROID_DEMO_ONNXRUNTIME) -> str | None:
+    """What to tell the user when onnxruntime `writer` is newer (major.minor) than the app's `app`; else None."""
+    def minor(version: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+    if minor(writer) <= minor(app):
+        return None
+    return (f"{ort_file.name} was written by onnxruntime {writer}, and loads in onnxruntime {writer} or newer "
+            f"only: the Android demo ships {app} (ship the .onnx there, or convert it with onnxruntime {app}; see "
+            "android_demo/README.md)")
 
 
 def _style(style: str):
@@ -173,7 +219,9 @@ def convert_to_ort(
         final_ort, final_config = out / ort_files[0].name, out / configs[0].name
         # The config's header names the models it was made from: name the final file, not the staging copies.
         lines = configs[0].read_text(encoding="utf-8").splitlines()
-        header = [f"# - {final_ort.name}"]
+        version = ort_format_version(ort_files[0]) or "unknown"
+        writer = f"# written by onnxruntime {ort.__version__} (ORT format version {version})"
+        header = [f"# - {final_ort.name}", f"{writer}: load it with onnxruntime {ort.__version__} or newer"]
         body = [line for line in lines if not line.startswith("# - ")]
         configs[0].write_text("\n".join(body[:1] + header + body[1:]) + "\n", encoding="utf-8")
         if verify:
@@ -209,9 +257,11 @@ def convert_bundle_to_ort(
 ) -> dict:
     """Write `onnx/<graph>{suffix}.ort` (and `.required_operators.config`) for the three graphs of one
     precision (or a {graph: precision} mix) and record them in manifest.json: entry fields `ort_file`,
-    `ort_required_operators`, `ort_info`; both files in `files` with sha256 and size. As quantize_bundle
-    does: converted in a staging folder inside onnx/, renamed into place, manifest.json replaced last;
-    a failure leaves the bundle as it was."""
+    `ort_required_operators`, `ort_info` (style, writer onnxruntime, ORT format version, the sha256 of the
+    .onnx files converted: `source_files`); both files in `files` with sha256 and size. Stale .ort records of
+    any graph (drop_stale_ort) leave the manifest and the folder in the same commit. As quantize_bundle does:
+    converted in a staging folder inside onnx/, renamed into place, manifest.json replaced last; a failure
+    leaves the bundle as it was."""
     bundle = open_bundle(bundle_dir)
     manifest_bytes = (bundle.path / MANIFEST).read_bytes()
     chosen = precision if isinstance(precision, dict) else {}
@@ -236,7 +286,7 @@ def convert_bundle_to_ort(
             raise ExportError(f"{bundle.path / MANIFEST} changed while converting; nothing was added, try again")
         info = {"optimization_style": style, "onnxruntime": ort.__version__,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        _commit(bundle.path, built, staging, info)
+        dropped = _commit(bundle.path, built, staging, info)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result = {}
@@ -245,44 +295,88 @@ def convert_bundle_to_ort(
         result[b["graph"]] = {"precision": b["precision"], "ort_file": f"onnx/{ort_file.name}",
                               "size_bytes": ort_file.stat().st_size}
         progress(f"{b['graph']} {b['precision']}: wrote onnx/{ort_file.name} ({ort_file.stat().st_size / 1e6:.2f} MB)")
+    for rel in dropped:
+        progress(f"removed {rel}: no graph entry records it for its current .onnx (rebuilt, or the other style)")
     return result
 
 
-def _commit(root: Path, built: list[dict], staging: Path, info: dict) -> None:
-    """Rename the staged files into onnx/ and replace manifest.json (tmp + fsync + os.replace); undo on failure."""
+def _commit(root: Path, built: list[dict], staging: Path, info: dict) -> list[str]:
+    """Rename the staged files into onnx/ and replace manifest.json (tmp + fsync + os.replace); undo on failure.
+    Returns the stale .ort records removed."""
     manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     onnx_dir = root / "onnx"
-    new_files = {f"onnx/{p.name}" for b in built for p in b["files"]}
     swap = FileSwap(staging)
     try:
         for b in built:
             entry = manifest["graphs"][b["graph"]][b["precision"]]
             ort_file, config = b["files"]
-            # A file an earlier conversion recorded under another name (the other style) leaves with its entry.
-            for old in (entry.get("ort_file"), entry.get("ort_required_operators")):
-                if old and old not in new_files and not _still_used(manifest, old, b):
-                    manifest["files"].pop(old, None)
-                    if (root / old).exists():
-                        swap.set_aside(root / old)
             for staged in (ort_file, config):
                 manifest["files"][f"onnx/{staged.name}"] = {"sha256": sha256_file(staged), "size": staged.stat().st_size}
                 swap.install(staged, onnx_dir / staged.name)
             entry["ort_file"] = f"onnx/{ort_file.name}"
             entry["ort_required_operators"] = f"onnx/{config.name}"
-            entry["ort_info"] = dict(info)
+            entry["ort_info"] = {**info, "ort_format_version": ort_format_version(onnx_dir / ort_file.name),
+                                 "source_files": _source_files(manifest, entry)}
+        # The other style's files of these entries, and whatever a rebuilt graph left behind, leave with their rows.
+        dropped = drop_stale_ort(manifest, root)
+        for rel in dropped:
+            if (root / rel).exists():
+                swap.set_aside(root / rel)
         manifest["files"] = dict(sorted(manifest["files"].items()))
         replace_manifest(root, manifest)
     except BaseException:
         swap.undo()
         raise
+    return dropped
 
 
-def _still_used(manifest: dict, rel: str, current: dict) -> bool:
-    """Whether another graph/precision entry records `rel` (never the case with per-file names, but be safe)."""
-    for graph, entries in manifest["graphs"].items():
-        for precision, entry in entries.items():
-            if (graph, precision) == (current["graph"], current["precision"]):
-                continue
-            if rel in (entry.get("ort_file"), entry.get("ort_required_operators")):
-                return True
-    return False
+def _source_files(manifest: dict, entry: dict) -> dict[str, str]:
+    """sha256 of the .onnx (and external data) an entry names, as the files table records them."""
+    extra = entry.get("external_data") or []
+    rels = [entry["file"], *([extra] if isinstance(extra, str) else extra)]
+    return {rel: manifest["files"].get(rel, {}).get("sha256") for rel in rels}
+
+
+def _is_ort_record(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name.endswith(".ort") or (".required_operators" in name and name.endswith(".config"))
+
+
+def _ort_is_current(manifest: dict, entry: dict, root: Path) -> bool:
+    """Whether an entry's .ort was converted from the .onnx it names now (by recorded sha256; by file times for
+    entries recorded before the sha256 was)."""
+    if not entry.get("ort_file"):
+        return False
+    source = (entry.get("ort_info") or {}).get("source_files")
+    if source is not None:
+        return source == _source_files(manifest, entry)
+    ort_file, onnx_file = root / entry["ort_file"], root / entry["file"]
+    return ort_file.is_file() and (not onnx_file.is_file() or ort_file.stat().st_mtime >= onnx_file.stat().st_mtime)
+
+
+def stale_ort_records(manifest: dict, root: str | Path) -> list[str]:
+    """The .ort files and their configs in the files table that no graph entry records for its current .onnx.
+
+    A graph rebuilt since its conversion leaves them: `quantize --overwrite` replaces the entry (its `ort_file`
+    goes) but not the files table's .ort rows, which then list a file converted from the replaced .onnx."""
+    root = Path(root)
+    current = set()
+    for entries in manifest["graphs"].values():
+        for entry in entries.values():
+            if _ort_is_current(manifest, entry, root):
+                current |= {entry["ort_file"], entry.get("ort_required_operators")}
+    return sorted(rel for rel in manifest["files"] if _is_ort_record(rel) and rel not in current)
+
+
+def drop_stale_ort(manifest: dict, root: str | Path) -> list[str]:
+    """Remove the stale .ort records from `manifest` (files table rows, and the ort fields of entries whose .onnx
+    changed); returns the rows removed, whose files the caller moves out. Call it before writing a manifest."""
+    stale = stale_ort_records(manifest, root)
+    for entries in manifest["graphs"].values():
+        for entry in entries.values():
+            if entry.get("ort_file") and not _ort_is_current(manifest, entry, Path(root)):
+                for key in ("ort_file", "ort_required_operators", "ort_info"):
+                    entry.pop(key, None)
+    for rel in stale:
+        manifest["files"].pop(rel, None)
+    return stale

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, Bundle, FileSwap, open_bundle, replace_manifest, sha256_file
+from smolvlm_edge.export.ort_format import drop_stale_ort
 
 from . import QuantizeError
 from .recipes import NONE, PRECISIONS, RECIPES, QuantizeContext, Recipe, get_recipe, graph_file_name
@@ -298,6 +299,9 @@ def _commit(bundle: Bundle, built: list[dict], staging: Path) -> None:
                 manifest["files"][f"onnx/{name}"] = {"sha256": sha256_file(staged), "size": staged.stat().st_size}
                 swap.install(staged, onnx_dir / name)
             manifest["graphs"][b["graph"]][b["precision"]] = b["entry"]
+        for rel in drop_stale_ort(manifest, bundle.path):  # .ort files converted from a replaced .onnx
+            if (bundle.path / rel).exists():
+                swap.set_aside(bundle.path / rel)
         manifest["files"] = dict(sorted(manifest["files"].items()))
         replace_manifest(bundle.path, manifest)
     except BaseException:

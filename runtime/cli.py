@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--max-new-tokens", type=int, default=128, help="default length limit of the greedy loop (default 128)")
     mo.add_argument("--with-tokenizer", action="store_true",
                     help="question string in, answer string out (needs onnxruntime-extensions: the [mobile] extra)")
+    mo.add_argument("--tokenizer-op", choices=("gpt2", "hf_json"), default="gpt2",
+                    help="the --with-tokenizer encoder: gpt2 (default; GPT2Tokenizer, in onnxruntime-extensions 0.13.0, "
+                         "the Android package) or hf_json (HfJsonTokenizer, newer extensions only)")
     mo.add_argument("--format", choices=("onnx", "ort"), default="onnx",
                     help="onnx (default), or ort: also convert to .ort and write <name>.required_operators.config")
     mo.add_argument("--ort-style", choices=("fixed", "runtime"), default="fixed",
@@ -384,14 +387,20 @@ def run_mobile_command(args, out=None) -> int:
     from smolvlm_edge.export.mobile import build_mobile_model
 
     path = build_mobile_model(bundle.path, output, precision=args.precision, max_new_tokens=args.max_new_tokens,
-                              with_tokenizer=args.with_tokenizer, progress=lambda line: print(line, file=out))
+                              with_tokenizer=args.with_tokenizer, tokenizer_op=args.tokenizer_op,
+                              progress=lambda line: print(line, file=out))
     written = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]
     model = path
     if args.format == "ort":
-        from smolvlm_edge.export.ort_format import convert_to_ort
+        import onnxruntime as ort
+
+        from smolvlm_edge.export.ort_format import OrtVersionWarning, app_version_warning, convert_to_ort
 
         model, config = convert_to_ort(path, style=args.ort_style)
         written += [model, config]
+        note = app_version_warning(model, ort.__version__)  # an .ort loads only in its writer's onnxruntime or newer
+        if note:
+            warnings.warn(note, OrtVersionWarning, stacklevel=2)
     for file in written:
         print(f"  {file}  {_size(file.stat().st_size)}", file=out)
     if args.image:

@@ -193,19 +193,43 @@ def _utf8_prefix(vlm: SmolVLM, ids: list[int]) -> int:
     return valid
 
 
-def test_with_tokenizer(bundle, tmp_path):
+# ai.onnx.contrib ops that onnxruntime-extensions 0.13.0 (the newest onnxruntime-extensions-android on Maven Central)
+# has, the ones the gpt2 tokenizer may use: checked in the 0.13.0 wheel's library (built from the same source), where
+# a model with them loaded and ran in onnxruntime 1.20.1; HfJsonTokenizer is not among them.
+EXTENSIONS_0_13_OPS = {"GPT2Tokenizer", "BpeDecoder", "StringECMARegexSplitWithOffsets"}
+
+
+def contrib_ops(path) -> set[str]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {n.op_type for n in graph.node if n.domain == "ai.onnx.contrib"}
+
+
+@pytest.fixture(scope="module")
+def extensions():
     try:
-        import onnxruntime_extensions  # noqa: F401
+        import onnxruntime_extensions
     except ImportError:
         pytest.skip("onnxruntime-extensions is not installed (pip install onnxruntime-extensions==0.15.2)")
-    path = mobile.build_mobile_model(bundle, tmp_path / "tok.onnx", max_new_tokens=NEW_TOKENS, with_tokenizer=True)
-    session = mobile.open_mobile_session(path)
+    return onnxruntime_extensions
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(bundle, extensions, tmp_path_factory):
+    return mobile.build_mobile_model(bundle, tmp_path_factory.mktemp("tok") / "tok.onnx", max_new_tokens=NEW_TOKENS,
+                                     with_tokenizer=True)
+
+
+def test_with_tokenizer(bundle, tokenizer_model):
+    session = mobile.open_mobile_session(tokenizer_model)
     assert [i.name for i in session.get_inputs()] == ["image", "question"]
     assert [i.name for i in session.get_overridable_initializers()] == ["max_new_tokens"]
     assert [o.name for o in session.get_outputs()] == ["generated_ids", "answer"]
+    assert mobile.model_info(session)["tokenizer"]["op"] == "GPT2Tokenizer"
     vlm = SmolVLM(bundle)
     image = make_image(120, 90, seed=3)
-    for question in ("What is in this image?", "Describe the picture.  Twice!", ""):
+    for question in ("What is in this image?", "Describe the picture.  Twice!", "", "How many 3 cats in 12 rows?"):
         _, want = runtime_ids(vlm, image, prompt=question)
         assert mobile.run_mobile_model(session, np.asarray(image), question) == want
     # The random model emits arbitrary bytes: compare the text over the ids that form valid UTF-8.
@@ -215,6 +239,86 @@ def test_with_tokenizer(bundle, tmp_path):
     assert keep >= 1
     text, ids = mobile.mobile_answer(session, np.asarray(image), question, max_new_tokens=keep)
     assert ids == want[:keep] and text == vlm.text.decode(want[:keep])
+
+
+def test_with_tokenizer_uses_only_ops_of_extensions_0_13(tokenizer_model):
+    """The Android app's onnxruntime-extensions is 0.13.0: the default tokenizer must not need a newer op."""
+    ops = contrib_ops(tokenizer_model)
+    assert "GPT2Tokenizer" in ops and "BpeDecoder" in ops
+    assert ops <= EXTENSIONS_0_13_OPS, f"ops that onnxruntime-extensions 0.13.0 lacks: {ops - EXTENSIONS_0_13_OPS}"
+
+
+def _with_digit_split(bundle: Path, copy: Path) -> Path:
+    """A bundle copy whose tokenizer.json splits digits off first, as SmolLM2's does (Digits, then ByteLevel), with
+    merges "ĠĠ" and "12" (ids of two last merges reused) so that GPT-2's regex alone would give other ids."""
+    from smolvlm_edge.runtime.bundle import sha256_file
+
+    shutil.copytree(bundle, copy)
+    tok_file = copy / "tokenizer.json"
+    spec = json.loads(tok_file.read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                   spec["pre_tokenizer"]]}
+    model, freed = spec["model"], []
+    for _ in range(2):  # drop the last merge whose token no other merge builds on, and reuse its id
+        parts = {part for merge in model["merges"] for part in merge}
+        last = max(i for i, (a, b) in enumerate(model["merges"]) if a + b not in parts)
+        freed.append(model["vocab"].pop("".join(model["merges"].pop(last))))
+    model["vocab"].update({"ĠĠ": freed[0], "12": freed[1]})
+    model["merges"] += [["Ġ", "Ġ"], ["1", "2"]]
+    tok_file.write_text(json.dumps(spec, ensure_ascii=False))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["tokenizer.json"] = {"sha256": sha256_file(tok_file), "size": tok_file.stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_with_tokenizer_splits_digits_as_the_runtime(bundle, extensions, tmp_path):
+    """GPT-2's regex keeps " 12" whole; SmolLM2's tokenizer cuts digits off first: the graph splits on [0-9]."""
+    digits = _with_digit_split(bundle, tmp_path / "bundle")
+    path = mobile.build_mobile_model(digits, tmp_path / "digits.onnx", max_new_tokens=4, with_tokenizer=True)
+    assert "StringECMARegexSplitWithOffsets" in contrib_ops(path) and contrib_ops(path) <= EXTENSIONS_0_13_OPS
+    session = mobile.open_mobile_session(path)
+    info = mobile.model_info(session)["tokenizer"]
+    assert info["digits_split"] and "<image>" in info["refused_texts"] and "\n" in info["refused_chars"]
+    vlm = SmolVLM(digits)
+    image = make_image(64, 48, seed=4)
+    for question in ("a  1   23 x1y2", "Is it 99.5%?  42", "12"):
+        # without the split these differ: GPT2Tokenizer alone groups the spaces before a digit otherwise
+        ids, want = runtime_ids(vlm, image, max_new_tokens=4, prompt=question)
+        assert mobile.run_mobile_model(session, np.asarray(image), question) == want
+    # What the graph cannot reproduce is refused before it runs, naming the reason.
+    for question, reason in (("x\ny", "newline"), ("x²", "numeral"), ("stop<end_of_utterance>", "special token"),
+                             ("<image> what", "'<image>'")):
+        with pytest.raises(PromptError, match=reason):
+            mobile.run_mobile_model(session, np.asarray(image), question)
+
+
+def test_tokenizer_check_refuses_a_graph_that_differs(bundle, extensions, tmp_path):
+    """The build-time check compares the graph's ids with the runtime's: without the digit split it must fail."""
+    from smolvlm_edge.runtime.errors import ExportError
+    from smolvlm_edge.runtime.prompt import TextProcessor
+
+    text = TextProcessor.from_dir(_with_digit_split(bundle, tmp_path / "bundle"))
+    spec = json.loads(text.tokenizer.to_str())
+    encoder = mobile._gpt2_nodes(spec["model"], "question", "tokenizer/question_ids", split_digits=False)
+    decoder = mobile._detokenizer_nodes(text, "generated_ids", "answer")
+    with pytest.raises(ExportError, match="GPT2Tokenizer gives .* the runtime .*tokenizer_op='hf_json'"):
+        mobile._check_tokenizer(encoder + decoder, text, {"op": "GPT2Tokenizer"})
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁"}
+    with pytest.raises(ExportError, match="Metaspace.*tokenizer_op='hf_json'"):
+        mobile._gpt2_split_digits(spec)
+
+
+def test_with_tokenizer_hf_json_option(bundle, extensions, tmp_path):
+    path = mobile.build_mobile_model(bundle, tmp_path / "hf.onnx", max_new_tokens=4, with_tokenizer=True,
+                                     tokenizer_op="hf_json")
+    assert "HfJsonTokenizer" in contrib_ops(path)  # the newer extensions only (not 0.13.0)
+    image = make_image(64, 48, seed=4)
+    _, want = runtime_ids(SmolVLM(bundle), image, max_new_tokens=4)
+    assert mobile.run_mobile_model(path, np.asarray(image), PROMPT) == want
+    from smolvlm_edge.runtime.errors import ExportError
+    with pytest.raises(ExportError, match="unknown tokenizer_op 'sentencepiece'"):
+        mobile.build_mobile_model(bundle, tmp_path / "x.onnx", with_tokenizer=True, tokenizer_op="sentencepiece")
 
 
 def test_bad_inputs_fail_clearly(bundle, fp32_model):

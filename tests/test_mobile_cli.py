@@ -76,10 +76,17 @@ def test_mobile_format_ort_with_tokenizer(bundle, tokenizer_ort):
         assert file.is_file() and str(file) in tokenizer_ort["out"]
     assert "MiB" in tokenizer_ort["out"] and " B\n" in tokenizer_ort["out"]
     ops = {line.split(";")[0]: line for line in config.read_text().splitlines() if not line.startswith("#")}
-    assert "HfJsonTokenizer" in ops["ai.onnx.contrib"] and "BpeDecoder" in ops["ai.onnx.contrib"]
+    assert "GPT2Tokenizer" in ops["ai.onnx.contrib"] and "BpeDecoder" in ops["ai.onnx.contrib"]
     assert "GroupQueryAttention" in ops["com.microsoft"]  # only inside the Loop body: subgraphs are covered
     assert any("Loop" in line and line.startswith("ai.onnx;") for line in config.read_text().splitlines())
     assert "# - smolvlm_mobile.ort" in config.read_text()
+    # The writer is recorded (an .ort loads in its writer's onnxruntime or newer), and the CLI warns that the
+    # Android demo's older onnxruntime may refuse it.
+    import onnxruntime as ort
+
+    assert f"# written by onnxruntime {ort.__version__} (ORT format version 6)" in config.read_text()
+    assert ort_format.ort_format_version(ort_file) == "6"
+    assert "smolvlm_mobile.ort was written by onnxruntime" in tokenizer_ort["err"] and "1.20.0" in tokenizer_ort["err"]
     # The .ort gives the .onnx's ids, which are the runtime's; the runner path fell back to the CPU and said so.
     image = make_image(300, 200, seed=8)
     _, want = runtime_ids(bundle, image)
@@ -109,6 +116,17 @@ def test_mobile_format_ort_runtime_style_stock_model(capsys, bundle, tmp_path):
     image = make_image(64, 97, seed=2)
     ids, want = runtime_ids(bundle, image)
     assert mobile.run_mobile_model(mobile.open_mobile_session(ort_file), np.asarray(image), ids) == want
+    # Rebuilding the .onnx alone removes the .ort converted from the file it replaces.
+    assert main(["mobile", "--bundle", str(bundle), "--output", str(output), "--max-new-tokens", str(NEW_TOKENS)]) == 0
+    assert f"removed {ort_file.name}, {config.name}" in capsys.readouterr().out
+    assert [p.name for p in output.parent.iterdir()] == [output.name]
+
+
+def test_app_version_warning():
+    assert ort_format.app_version_warning(ort_format.Path("m.ort"), "1.20.1", app="1.20.0") is None
+    assert ort_format.app_version_warning(ort_format.Path("m.ort"), "1.19.2", app="1.20.0") is None
+    note = ort_format.app_version_warning(ort_format.Path("m.ort"), "1.32.0", app="1.20.0")
+    assert "m.ort was written by onnxruntime 1.32.0" in note and "convert it with onnxruntime 1.20.0" in note
 
 
 def test_mobile_errors_are_one_line(capsys, bundle, tmp_path, monkeypatch):
@@ -148,7 +166,8 @@ def test_convert_ort_then_run_gives_the_same_greedy_tokens(capsys, bundle_copy, 
         entry = opened.manifest["graphs"][graph]["fp32"]
         assert entry["ort_file"] == f"onnx/{graph}.ort"
         assert entry["ort_required_operators"] == f"onnx/{graph}.required_operators.config"
-        assert entry["ort_info"]["optimization_style"] == "fixed"
+        assert entry["ort_info"]["optimization_style"] == "fixed" and entry["ort_info"]["ort_format_version"] == "6"
+        assert entry["ort_info"]["source_files"][entry["file"]] == opened.manifest["files"][entry["file"]]["sha256"]
         for rel in (entry["ort_file"], entry["ort_required_operators"]):
             assert (bundle_copy / rel).is_file() and opened.manifest["files"][rel]["size"] == (bundle_copy / rel).stat().st_size
     assert not [p for p in (bundle_copy / "onnx").iterdir() if p.name.startswith(".")]  # no staging left
@@ -170,6 +189,35 @@ def test_convert_ort_then_run_gives_the_same_greedy_tokens(capsys, bundle_copy, 
     manifest = open_bundle(bundle_copy).manifest
     assert manifest["graphs"]["embed_tokens"]["fp32"]["ort_file"] == "onnx/embed_tokens.with_runtime_opt.ort"
     assert "onnx/embed_tokens.ort" not in manifest["files"] and not (bundle_copy / "onnx/embed_tokens.ort").exists()
+
+
+def test_a_rebuilt_graph_leaves_no_stale_ort_in_the_manifest(bundle_copy):
+    """convert-ort q4, then quantize q4 --overwrite: the .ort files converted from the replaced graphs leave
+    the files table and the folder in quantize's own commit (they were made from .onnx files that are gone)."""
+    from smolvlm_edge.quantize.build import quantize_bundle
+
+    quiet = lambda _line: None  # noqa: E731
+    quantize_bundle(bundle_copy, "q4", progress=quiet)
+    assert main(["convert-ort", "--bundle", str(bundle_copy), "--precision", "q4"]) == 0
+    assert main(["convert-ort", "--bundle", str(bundle_copy)]) == 0  # fp32 too: it must survive the rebuild
+    q4_ort = {f"onnx/{g}_q4{end}" for g in ("vision_encoder", "embed_tokens", "decoder_model_merged")
+              for end in (".ort", ".required_operators.config")}
+    manifest = open_bundle(bundle_copy).manifest
+    assert q4_ort <= set(manifest["files"]) and not ort_format.stale_ort_records(manifest, bundle_copy)
+
+    quantize_bundle(bundle_copy, "q4", overwrite=True, progress=quiet)
+    manifest = open_bundle(bundle_copy).manifest  # sizes and sha256 of what is listed check out
+    assert not any(manifest["graphs"][g]["q4"].get("ort_file") for g in manifest["graphs"])
+    assert not q4_ort & set(manifest["files"]) and not any((bundle_copy / rel).exists() for rel in q4_ort)
+    assert not ort_format.stale_ort_records(manifest, bundle_copy)
+    assert manifest["graphs"]["embed_tokens"]["fp32"]["ort_file"] == "onnx/embed_tokens.ort"
+
+    # An entry whose .onnx changed after its conversion (recorded source sha256 differs) loses its .ort too.
+    manifest["graphs"]["embed_tokens"]["fp32"]["ort_info"]["source_files"]["onnx/embed_tokens.onnx"] = "0" * 64
+    dropped = ort_format.drop_stale_ort(manifest, bundle_copy)
+    assert dropped == ["onnx/embed_tokens.ort", "onnx/embed_tokens.required_operators.config"]
+    assert "ort_file" not in manifest["graphs"]["embed_tokens"]["fp32"]
+    assert manifest["graphs"]["vision_encoder"]["fp32"]["ort_file"] == "onnx/vision_encoder.ort"
 
 
 def test_run_ort_without_ort_files_warns_and_loads_onnx(capsys, bundle):
@@ -195,6 +243,14 @@ def test_convert_ort_failure_leaves_the_bundle_as_it_was(capsys, bundle_copy, mo
     assert after == before
     code = main(["convert-ort", "--bundle", str(bundle_copy), "--precision", "q4"])
     one_line_error(code, capsys.readouterr().err, "'q4'", "fp32")
+
+
+def test_tokenizer_op_flag(capsys):
+    assert build_parser().parse_args(["mobile", "--bundle", "b"]).tokenizer_op == "gpt2"
+    assert build_parser().parse_args(["mobile", "--bundle", "b", "--tokenizer-op", "hf_json"]).tokenizer_op == "hf_json"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["mobile", "--bundle", "b", "--tokenizer-op", "spm"])
+    assert "invalid choice: 'spm'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["mobile", "convert-ort"])

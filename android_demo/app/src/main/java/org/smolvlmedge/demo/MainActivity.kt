@@ -114,7 +114,8 @@ class MainActivity : AppCompatActivity() {
     private fun ask() {
         val model = model ?: return
         val photo = bitmap ?: return
-        val question = binding.question.text?.toString().orEmpty().trim()
+        // The box is multi-line; the model's tokenizer refuses tabs and newlines (SmolVlmModel.answer): make them spaces.
+        val question = binding.question.text?.toString().orEmpty().replace(CONTROL_WHITESPACE, " ").trim()
         setBusy(true)
         lifecycleScope.launch {
             try {
@@ -166,5 +167,6 @@ class MainActivity : AppCompatActivity() {
     private companion object {
         val MODEL_NAMES = listOf("smolvlm_mobile.onnx", "smolvlm_mobile.ort")
         const val PROMPT_IDS = "prompt_ids.json"
+        val CONTROL_WHITESPACE = Regex("[\\t\\n\\u000B\\f\\r\\u0085]")
     }
 }

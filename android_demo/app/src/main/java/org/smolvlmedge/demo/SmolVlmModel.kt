@@ -6,6 +6,7 @@ import ai.onnxruntime.OrtEnvironment
 import ai.onnxruntime.OrtException
 import ai.onnxruntime.OrtSession
 import ai.onnxruntime.extensions.OrtxPackage
+import org.json.JSONObject
 import java.io.Closeable
 import java.nio.ByteBuffer
 import java.nio.LongBuffer
@@ -24,6 +25,10 @@ import java.nio.LongBuffer
  * graph). [useNnapi] puts NNAPI first: it takes the nodes it supports and the CPU runs the rest (NNAPI is
  * deprecated from Android 15). [useXnnpack] adds XNNPACK with its own pool of [threads] threads; onnxruntime's
  * own pool then drops to one thread that does not spin, as onnxruntime recommends for XNNPACK.
+ *
+ * The text variant refuses, before running, a question its in-graph tokenizer would encode unlike the desktop
+ * runtime it was checked against (the `tokenizer` entry of the model's `smolvlm_mobile` metadata): added-token
+ * texts such as `<|im_end|>`, tabs and newlines, and for SmolLM2's tokenizer numerals other than 0-9.
  *
  * Calls are serialised; [close] waits for a running call to finish.
  */
@@ -78,11 +83,17 @@ class SmolVlmModel(
     /** True when the model takes the prompt's token ids (no tokenizer inside): use [generateIds]. */
     val takesIds: Boolean = INPUT_IDS in inputNames
 
+    /** The metadata's `tokenizer` entry: what the in-graph tokenizer cannot encode as the runtime does. */
+    private val tokenizerLimits: JSONObject? = runCatching {
+        session.metadata.customMetadata[METADATA_KEY]?.let { JSONObject(it).optJSONObject("tokenizer") }
+    }.getOrNull() // a model without it (or older) only has '<image>' refused
+
     /** Answers [question] about an RGB image ([rgb]: [height] rows of [width] pixels, 3 bytes each). */
     @Synchronized
     fun answer(rgb: ByteArray, width: Int, height: Int, question: String, maxNewTokens: Long = 128): Result {
         check(QUESTION in inputNames) { "this model takes '$INPUT_IDS', not a question: use generateIds()" }
         require(question.isNotBlank()) { "the question is empty: type one" }
+        checkQuestion(question)
         val start = System.nanoTime()
         return runSession(rgb, width, height, maxNewTokens, QUESTION) {
             OnnxTensor.createTensor(env, arrayOf(question), longArrayOf(1))
@@ -100,6 +111,33 @@ class SmolVlmModel(
         return runSession(rgb, width, height, maxNewTokens, INPUT_IDS) {
             OnnxTensor.createTensor(env, LongBuffer.wrap(inputIds), longArrayOf(1, inputIds.size.toLong()))
         }.use { it.longs(GENERATED_IDS) }
+    }
+
+    /** Refuses what the tokenizer inside would encode unlike the runtime (as `check_question` in export/mobile.py). */
+    private fun checkQuestion(question: String) {
+        require(IMAGE_TOKEN !in question) { "the question contains '$IMAGE_TOKEN': the model places the one image itself" }
+        val limits = tokenizerLimits ?: return
+        val specials = limits.optJSONArray("refused_texts")
+        for (i in 0 until (specials?.length() ?: 0)) {
+            val special = specials!!.getString(i)
+            require(special !in question) { "the question contains the special token '$special': remove it" }
+        }
+        val refusedChars = limits.optString("refused_chars")
+        val digitsSplit = limits.optBoolean("digits_split")
+        var pos = 0
+        while (pos < question.length) {
+            val cp = question.codePointAt(pos)
+            require(cp > 0xFFFF || question[pos] !in refusedChars) {
+                "the question contains a tab, newline or similar: replace it with a space"
+            }
+            val type = Character.getType(cp)
+            val numeral = type == Character.DECIMAL_DIGIT_NUMBER.toInt() || type == Character.LETTER_NUMBER.toInt() ||
+                type == Character.OTHER_NUMBER.toInt()
+            require(!digitsSplit || !numeral || cp in '0'.code..'9'.code) {
+                "the question contains the numeral '${String(Character.toChars(cp))}': write it with the digits 0-9"
+            }
+            pos += Character.charCount(cp)
+        }
     }
 
     @Synchronized
@@ -151,5 +189,7 @@ class SmolVlmModel(
         const val MAX_NEW_TOKENS = "max_new_tokens"
         const val ANSWER = "answer"
         const val GENERATED_IDS = "generated_ids"
+        const val METADATA_KEY = "smolvlm_mobile"
+        const val IMAGE_TOKEN = "<image>"
     }
 }
