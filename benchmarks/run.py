@@ -116,15 +116,19 @@ class OrtTextEngine(OrtEngine):
         from types import SimpleNamespace
 
         from smolvlm_edge.runtime.bundle import open_bundle
+        from smolvlm_edge.runtime.embed_table import table_rows_for
         from smolvlm_edge.runtime.generate import Decoder
         from smolvlm_edge.runtime.prompt import TextProcessor
         from smolvlm_edge.runtime.providers import make_session
 
         opened = open_bundle(bundle)
-        embed = make_session(opened.graph_file("embed_tokens", precision), ["CPUExecutionProvider"], threads)
+        embed = table_rows_for(opened, precision)  # as SmolVLM does: rows read from the file, when recorded
+        if embed is None:
+            session = make_session(opened.graph_file("embed_tokens", precision), ["CPUExecutionProvider"], threads)
+            embed = lambda ids: session.run(["inputs_embeds"], {"input_ids": ids})[0]  # noqa: E731
         decoder = make_session(opened.graph_file("decoder_model_merged", precision), ["CPUExecutionProvider"], threads)
         self.vlm = SimpleNamespace(decoder=Decoder(decoder, opened.text), text=TextProcessor.from_dir(bundle),
-                                   embed=lambda ids: embed.run(["inputs_embeds"], {"input_ids": ids})[0])
+                                   embed=embed)
         self.encode = self.vlm.text.encode
 
 

@@ -128,7 +128,15 @@ def share_embedding_table(embed: dict, decoder: dict, fp32_embed: Path, progress
     embed["entry"].update(external_data=data_rel, size_bytes=embed_file.stat().st_size)
     embed["entry"]["info"].update(embedding_bits=8, block_size=attrs["block_size"], symmetric=True,
                                   shared_table=f"{data_rel} (the decoder's 8-bit lm_head)",
-                                  shared_max_steps=round(steps, 3))
+                                  shared_max_steps=round(steps, 3),
+                                  # Where the rows lie, so the runtime can read them without a session
+                                  # (runtime/embed_table.py): row = (codes - 128) * scales, per block.
+                                  table_rows={"file": data_rel, "vocab_size": v, "hidden_size": k,
+                                              "block_size": attrs["block_size"], "zero_point": 128,
+                                              "codes_offset": int(refs[head.input[1]]["offset"]),
+                                              "scales_offset": int(refs[head.input[2]]["offset"]),
+                                              "scales_dtype": "float16" if scales_t.data_type == TensorProto.FLOAT16
+                                              else "float32"})
     progress(f"embed_tokens shares the decoder's 8-bit lm_head blocks ({data_rel}; "
              f"table within {steps:.2f} steps): {embed_file.stat().st_size / 1e6:.2f} MB of its own")
     return True

@@ -390,7 +390,10 @@ def _copied_head_bundle(tiny_checkpoints, tmp_path) -> Path:
 
 def test_the_embedding_table_is_stored_once(tiny_checkpoints, tmp_path, images):
     """q4's default: embed_tokens reads the decoder's 8-bit lm_head blocks from the decoder's data file."""
+    import onnxruntime as ort
+
     from smolvlm_edge.runtime.bundle import open_bundle
+    from smolvlm_edge.runtime.embed_table import table_rows_for
 
     bundle = _copied_head_bundle(tiny_checkpoints, tmp_path)
     quantize_bundle(bundle, "q4", progress=lambda line: None)
@@ -398,7 +401,14 @@ def test_the_embedding_table_is_stored_once(tiny_checkpoints, tmp_path, images):
     embed, decoder = manifest["graphs"]["embed_tokens"]["q4"], manifest["graphs"]["decoder_model_merged"]["q4"]
     assert embed["external_data"] == decoder["external_data"] == "onnx/decoder_model_merged_q4.onnx_data"
     assert embed["size_bytes"] < 10_000 and embed["info"]["shared_max_steps"] <= 0.6
-    open_bundle(bundle)  # sizes and sha256 of every file still match the manifest
+    opened = open_bundle(bundle)  # sizes and sha256 of every file still match the manifest
+    # The runtime reads the rows itself (runtime/embed_table.py): the graph's lookup, bit for bit.
+    rows = table_rows_for(opened, "q4")
+    session = ort.InferenceSession(str(opened.graph_file("embed_tokens", "q4")), providers=["CPUExecutionProvider"])
+    every = np.arange(embed["info"]["table_rows"]["vocab_size"], dtype=np.int64)[None]
+    np.testing.assert_array_equal(rows(every), session.run(None, {"input_ids": every})[0])
+    with pytest.raises(ValueError, match="out of range"):
+        rows(every + 1)
     generates(bundle, "q4", images[0])
     assert_passes(parity(bundle, "q4", images), "q4")
     # Rebuilding the decoder alone keeps the data file the embed build still reads.
