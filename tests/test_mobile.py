@@ -18,7 +18,7 @@ from conftest import make_image
 
 pytest.importorskip("onnx")
 
-from smolvlm_edge.export import mobile  # noqa: E402
+from smolvlm_edge.export import mobile, mobile_merge, mobile_tokenizer  # noqa: E402
 from smolvlm_edge.runtime import SmolVLM  # noqa: E402
 from smolvlm_edge.runtime.errors import ImageError, PromptError  # noqa: E402
 from smolvlm_edge.runtime.images import ImageProcessor  # noqa: E402
@@ -179,7 +179,7 @@ def test_golden_vector(bundle, fp32_model):
 
 def _utf8_prefix(vlm: SmolVLM, ids: list[int]) -> int:
     """How many leading ids decode to valid UTF-8 bytes (special tokens count as no bytes)."""
-    to_byte = {c: b for b, c in mobile._bytes_to_unicode().items()}
+    to_byte = {c: b for b, c in mobile_tokenizer._bytes_to_unicode().items()}
     special = {i for i, t in vlm.text.tokenizer.get_added_tokens_decoder().items() if t.special}
     data, valid = b"", 0
     for n, i in enumerate(ids, 1):
@@ -300,13 +300,13 @@ def test_tokenizer_check_refuses_a_graph_that_differs(bundle, extensions, tmp_pa
 
     text = TextProcessor.from_dir(_with_digit_split(bundle, tmp_path / "bundle"))
     spec = json.loads(text.tokenizer.to_str())
-    encoder = mobile._gpt2_nodes(spec["model"], "question", "tokenizer/question_ids", split_digits=False)
-    decoder = mobile._detokenizer_nodes(text, "generated_ids", "answer")
+    encoder = mobile_tokenizer._gpt2_nodes(spec["model"], "question", "tokenizer/question_ids", split_digits=False)
+    decoder = mobile_tokenizer._detokenizer_nodes(text, "generated_ids", "answer")
     with pytest.raises(ExportError, match="GPT2Tokenizer gives .* the runtime .*tokenizer_op='hf_json'"):
-        mobile._check_tokenizer(encoder + decoder, text, {"op": "GPT2Tokenizer"})
+        mobile_tokenizer._check_tokenizer(encoder + decoder, text, {"op": "GPT2Tokenizer"})
     spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁"}
     with pytest.raises(ExportError, match="Metaspace.*tokenizer_op='hf_json'"):
-        mobile._gpt2_split_digits(spec)
+        mobile_tokenizer._gpt2_split_digits(spec)
 
 
 def test_with_tokenizer_hf_json_option(bundle, extensions, tmp_path):
@@ -357,7 +357,7 @@ def test_identical_weights_are_stored_once():
     first = helper.make_graph([], "a", [], [], [numpy_helper.from_array(table, "w")])
     second = helper.make_graph([], "b", [], [], [numpy_helper.from_array(table, "same"),
                                                  numpy_helper.from_array(table.reshape(64, 4, 32), "codes")])
-    weights = mobile._Weights()
+    weights = mobile_merge._Weights()
     assert weights.add_graph(first, "a/") == {"w": "a/w"}
     names = weights.add_graph(second, "b/")
     assert names["same"] == "a/w" and names["codes"] == "b/codes"

@@ -113,7 +113,7 @@ class SmolVlmModel(
         }.use { it.longs(GENERATED_IDS) }
     }
 
-    /** Refuses what the tokenizer inside would encode unlike the runtime (as `check_question` in export/mobile.py). */
+    /** Refuses what the tokenizer inside would encode unlike the runtime (as `check_question` in export/mobile_tokenizer.py). */
     private fun checkQuestion(question: String) {
         require(IMAGE_TOKEN !in question) { "the question contains '$IMAGE_TOKEN': the model places the one image itself" }
         val limits = tokenizerLimits ?: return
