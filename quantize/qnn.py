@@ -1,4 +1,4 @@
-"""The QNN execution provider's HTP backend (onnxruntime-qnn, a simulator on x86): availability, sessions, op coverage.
+"""The QNN execution provider's HTP backend (onnxruntime-qnn, a simulator on x86): availability, sessions, coverage.
 
 Coverage comes from onnxruntime itself: `session.record_ep_graph_assignment_info` says which node
 went to which provider, and the QNN EP's verbose log (severity 0, captured from stderr while the
@@ -95,15 +95,18 @@ def parse_validation_log(lines) -> dict[str, dict]:
     return verdicts
 
 
-def htp_coverage(path: str | Path, *, htp_options: dict | None = None) -> dict:
+def htp_coverage(path: str | Path, *, htp_options: dict | None = None, dims: dict[str, int] | None = None) -> dict:
     """Which nodes and op types the HTP backend takes and which it leaves to the CPU, with the EP's reasons.
 
     The session is made with CPU fallback allowed, so a partly supported graph still yields its split.
     If even that session fails (the HTP graph does not finalize, say), `error` holds the message and
-    the split comes from the EP's validation log alone (`source` says which).
+    the split comes from the EP's validation log alone (`source` says which). `dims` fixes named dynamic
+    axes for the session (onnxruntime's free-dimension overrides), e.g. the runtime's `decode_step_dims`.
     """
     register_qnn()
     so = ort.SessionOptions()
+    for dim, size in (dims or {}).items():
+        so.add_free_dimension_override_by_name(dim, size)
     so.log_severity_level = 0  # the QNN EP's per-node validation verdicts are VERBOSE messages
     # Basic optimizations (constant folding of shape logic, say) run before partitioning in every
     # session, so they count; later levels only touch what the CPU got and would rename op types.
@@ -151,3 +154,51 @@ def htp_coverage(path: str | Path, *, htp_options: dict | None = None) -> dict:
         "source": source,
         "error": error,
     }
+
+
+def session_split(session: ort.InferenceSession) -> dict[str, dict[str, int]]:
+    """Nodes per execution provider and op type of a live session: {ep: {op_type: count}}.
+
+    Empty unless the session was made with `session.record_ep_graph_assignment_info` (the runtime's
+    decoder on HTP is)."""
+    split: dict[str, collections.Counter] = {}
+    for sub in session.get_provider_graph_assignment_info():
+        split.setdefault(sub.ep_name, collections.Counter()).update(node.op_type for node in sub.get_nodes())
+    return {ep: dict(ops.most_common()) for ep, ops in split.items()}
+
+
+FP16_MAX = 65504.0
+
+
+def fp16_square_overflow(path: str | Path) -> dict:
+    """Float `Pow(x, 2)` nodes (the RMSNorm statistics the qdq recipe keeps float) whose calibrated input range
+    squared exceeds fp16: HTP computes float nodes in fp16, so x^2 becomes inf there (the CPU computes fp32).
+
+    The range is read from the DequantizeLinear feeding the node (scale x the farthest code from the zero point).
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+
+    def value(name):
+        return numpy_helper.to_array(initializers[name]) if name in initializers else None
+
+    squares, over, worst = 0, 0, 0.0
+    for node in model.graph.node:
+        source = producer.get(node.input[0]) if node.op_type == "Pow" else None
+        exponent = value(node.input[1]) if node.op_type == "Pow" else None
+        if exponent is None or float(exponent) != 2.0 or source is None or source.op_type != "DequantizeLinear":
+            continue
+        scale, zero = value(source.input[1]), value(source.input[2])
+        if scale is None or zero is None:
+            continue
+        codes = np.iinfo(zero.dtype)
+        reach = float(scale) * max(codes.max - float(zero), float(zero) - codes.min)
+        squares += 1
+        over += reach * reach > FP16_MAX
+        worst = max(worst, reach)
+    return {"float_squares": squares, "overflow_in_fp16": over, "largest_input_range": round(worst, 1)}

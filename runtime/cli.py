@@ -52,6 +52,9 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="build to load: fp32 (default), fp16, int8, q4, ... for every graph, or per graph as "
                         "vision=int8,embed=q4,decoder=q4")
     p.add_argument("--no-split", action="store_true", help="do not split images into tiles (global image only)")
+    p.add_argument("--qnn-fallback", action="store_true",
+                   help="--provider qnn: let the CPU run the nodes the HTP backend refuses in a qdq graph (needed "
+                        "for a qdq decoder; without it each qdq graph must go to HTP whole)")
     _add_provider_flags(p, provider=False)
 
 
@@ -197,7 +200,7 @@ def answer(model_dir, images, prompt, args, out=None) -> dict:
     vlm = SmolVLM(model_dir, provider=args.provider, threads=args.threads, precision=args.precision,
                   fallback=getattr(args, "fallback", None),
                   provider_options=parse_provider_options(getattr(args, "provider_option", [])),
-                  prefer_ort=getattr(args, "ort", False))
+                  prefer_ort=getattr(args, "ort", False), qnn_fallback=getattr(args, "qnn_fallback", False))
     split = False if args.no_split else None
     kwargs = dict(do_image_splitting=split, **generation_overrides(args))
     if args.stream and not args.json:

@@ -10,11 +10,13 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from .bundle import GRAPH_NAMES, open_bundle
+from .embed_table import table_rows_for
 from .errors import PromptError, ProviderError
 from .generate import Decoder, Timings, generate_tokens
+from .htp_decoder import QNN_CONTEXT, StaticStepDecoder, open_htp_decoder, qnn_session_options
 from .images import ImageProcessor, load_image
 from .prompt import TextProcessor
-from .providers import (DEFAULT_PROVIDER_OPTIONS, QNN_EP, ProviderFallbackWarning, check_fallback, choose_provider,
+from .providers import (QNN_EP, ProviderFallbackWarning, check_fallback, choose_provider,
                         make_qnn_htp_session, make_session, stdout_to_stderr)
 from .sampling import GenerationSettings
 
@@ -62,11 +64,17 @@ class SmolVLM:
         fallback: str | None = None,
         provider_options: dict | None = None,
         prefer_ort: bool = False,
+        qnn_fallback: bool = False,
+        qnn_context: int = QNN_CONTEXT,
     ):
         """`provider`: a short name (runtime.providers.PROVIDERS); one this onnxruntime lacks raises a
         ProviderError, or with `fallback="cpu"` warns (ProviderFallbackWarning) and runs on the CPU.
-        `provider="qnn"`: graphs whose build is `qdq` run on the QNN HTP backend with CPU fallback disabled,
-        the others on the CPU. `provider_options`: that provider's options (runtime/providers.py).
+        `provider="qnn"`: graphs whose build is `qdq` run on the QNN HTP backend, the others on the CPU.
+        Each such graph must go to HTP whole unless `qnn_fallback=True`, which lets onnxruntime's CPU EP
+        run the nodes HTP refuses (a qdq decoder always has some). A qdq decoder on HTP runs with static
+        shapes: one position per call over a KV cache of `qnn_context` positions (`StaticStepDecoder`).
+        On x86 (the simulator) the HTP target is SIMULATOR_HTP_TARGET unless `provider_options` name one.
+        `provider_options`: that provider's options (runtime/providers.py).
         `prefer_ort`: load the ORT-format file recorded for a graph (`smolvlm-edge convert-ort`) instead
         of its .onnx; graphs without one load their .onnx, with a warning."""
         self.bundle = open_bundle(model_dir, check_files=check_files)
@@ -74,13 +82,17 @@ class SmolVLM:
         default = precision if isinstance(precision, str) else "fp32"
         picked = {name: precisions.get(name, default) for name in GRAPH_NAMES}
         self.graph_files = self._graph_files(picked, prefer_ort)
-        self.graph_providers = self._place(provider, picked, threads, provider_options, fallback)
+        # q4's shared 8-bit table: rows read from the file (runtime/embed_table.py), no embed session.
+        self.embed_rows = table_rows_for(self.bundle, picked["embed_tokens"])
+        self.graph_providers = self._place(provider, picked, threads, provider_options, fallback,
+                                           qnn_fallback, qnn_context)
         # The provider list of the decoder's session (the one most of the time goes to).
         self.providers = self.graph_providers["decoder_model_merged"]
 
         self.vision = self._sessions["vision_encoder"]
-        self.embed_session = self._sessions["embed_tokens"]
-        self.decoder = Decoder(self._sessions.pop("decoder_model_merged"), self.bundle.text)
+        self.embed_session = self._sessions.get("embed_tokens")
+        decoder = StaticStepDecoder if QNN_EP in self.providers else Decoder
+        self.decoder = decoder(self._sessions.pop("decoder_model_merged"), self.bundle.text)
         del self._sessions
         self.text = TextProcessor.from_dir(self.bundle.path)
         self.images = ImageProcessor.from_dir(self.bundle.path)
@@ -102,13 +114,15 @@ class SmolVLM:
                           ".onnx (make them with `smolvlm-edge convert-ort`)", OrtFormatWarning, stacklevel=3)
         return files
 
-    def _place(self, provider: str, picked: dict[str, str], threads, options, fallback) -> dict[str, list[str]]:
+    def _place(self, provider: str, picked: dict[str, str], threads, options, fallback,
+               qnn_fallback: bool = False, qnn_context: int = QNN_CONTEXT) -> dict[str, list[str]]:
         """Open every graph's session; returns the providers each runs with."""
         self._sessions = {}
         if provider.strip().lower() != "qnn":
             choice = choose_provider(provider, threads, options, fallback)
             for name in GRAPH_NAMES:
-                self._sessions[name] = make_session(self.graph_files[name], choice, threads)
+                if not (name == "embed_tokens" and self.embed_rows is not None):
+                    self._sessions[name] = make_session(self.graph_files[name], choice, threads)
             return {name: list(choice.providers) for name in GRAPH_NAMES}
         # QNN HTP: statically quantized (qdq) graphs only; the others stay on the CPU.
         fallback = check_fallback(fallback)
@@ -119,15 +133,20 @@ class SmolVLM:
                                 f"{', '.join(f'{g}={p}' for g, p in picked.items())} has none; use e.g. --precision vision=qdq "
                                 "(smolvlm-edge quantize --recipe qdq)")
         cpu = choose_provider("cpu", threads)
+        qnn_options = qnn_session_options(options)
         placed = {}
         for name in GRAPH_NAMES:
             if name in on_htp:
                 try:
-                    qnn_options = {**DEFAULT_PROVIDER_OPTIONS["qnn"], **(options or {})}
                     with stdout_to_stderr():
-                        self._sessions[name] = make_qnn_htp_session(self.graph_files[name], fallback=False,
-                                                                    options=qnn_options)
-                    placed[name] = [QNN_EP]
+                        if name == "decoder_model_merged":
+                            session = open_htp_decoder(self.graph_files[name], qnn_context, qnn_fallback,
+                                                       qnn_options, threads)
+                        else:
+                            session = make_qnn_htp_session(self.graph_files[name], fallback=qnn_fallback,
+                                                           options=qnn_options)
+                    self._sessions[name] = session
+                    placed[name] = [QNN_EP, cpu.providers[0]] if qnn_fallback else [QNN_EP]
                     continue
                 except ProviderError as exc:
                     if fallback is None:
@@ -140,6 +159,8 @@ class SmolVLM:
 
     # ---- inputs -----------------------------------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
+        if self.embed_rows is not None:
+            return self.embed_rows(ids)
         return self.embed_session.run(["inputs_embeds"], {"input_ids": ids.astype(np.int64)})[0]
 
     def prepare(self, prompts: Sequence[Prompt], images: Sequence[Sequence], do_image_splitting: bool | None = None) -> PreparedInputs:

@@ -409,6 +409,12 @@ def test_the_embedding_table_is_stored_once(tiny_checkpoints, tmp_path, images):
     np.testing.assert_array_equal(rows(every), session.run(None, {"input_ids": every})[0])
     with pytest.raises(ValueError, match="out of range"):
         rows(every + 1)
+    vlm = SmolVLM(bundle, precision="q4")  # the runtime opens no embed session then, and answers the same
+    assert vlm.embed_session is None and vlm.embed_rows is not None
+    ask = dict(max_new_tokens=4, do_sample=False, do_image_splitting=False)
+    with_rows = vlm.generate("What is in this image?", [images[0]], **ask).token_ids
+    vlm.embed_rows, vlm.embed_session = None, session
+    assert vlm.generate("What is in this image?", [images[0]], **ask).token_ids == with_rows
     generates(bundle, "q4", images[0])
     assert_passes(parity(bundle, "q4", images), "q4")
     # Rebuilding the decoder alone keeps the data file the embed build still reads.
