@@ -54,7 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smolvlm_edge.export.mobile_merge import _inline, _toposort, _Weights
+from smolvlm_edge.export.graph_order import toposort
+from smolvlm_edge.export.mobile_merge import _inline, _Weights
 from smolvlm_edge.export.mobile_nodes import _Nodes
 from smolvlm_edge.export.mobile_preprocess import _preprocess, build_preprocess_model
 from smolvlm_edge.export.mobile_run import (METADATA_KEY, check_inputs, mobile_answer, model_info, open_mobile_session,
@@ -181,7 +182,7 @@ def _decode_loop(b: _Nodes, models, weights, text_cfg: dict, stop_ids: list[int]
 
     kv = lambda n, dim: helper.make_tensor_value_info(n, past_type, [1, kv_heads, dim, head_dim])  # noqa: E731
     body = helper.make_graph(
-        _toposort(s.nodes), "greedy_step",
+        toposort(s.nodes), "greedy_step",
         [helper.make_tensor_value_info(i, TP.INT64, []), helper.make_tensor_value_info(cond, TP.BOOL, []),
          helper.make_tensor_value_info(embeds, embeds_type, [1, "step_length", hidden])]
         + [kv(n, "past_length") for n in pasts],
@@ -292,7 +293,7 @@ def build_mobile_model(
         opsets[CONTRIB_DOMAIN] = 1
         _check_tokenizer(encoder + decoder, text, tokenizer_info)
 
-    graph = helper.make_graph(_toposort(b.nodes), "smolvlm_mobile", inputs, outputs, initializer=weights.tensors + [budget])
+    graph = helper.make_graph(toposort(b.nodes), "smolvlm_mobile", inputs, outputs, initializer=weights.tensors + [budget])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
                               ir_version=max(m.ir_version for m in models.values()), producer_name="smolvlm-edge")
     info = _info(bundle, text, config, picked, max_new_tokens, with_tokenizer, prefix_ids, suffix_ids, stop_ids)

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from smolvlm_edge.export.graph_order import toposort
+
 MS_DOMAIN = "com.microsoft"
 _THROUGH = ("Transpose", "Reshape", "Mul")  # between a projection's output and the attention MatMuls
 
@@ -122,17 +124,7 @@ def _drop_dead_nodes(graph) -> None:
         if node is not None and id(node) not in live:
             live[id(node)] = node
             todo += [i for i in node.input if i]
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    ordered, pending = [], [n for n in graph.node if id(n) in live]
-    while pending:
-        waiting = [n for n in pending if not all(i in ready for i in n.input)]
-        for node in pending:
-            if node not in waiting:
-                ordered.append(node)
-                ready.update(node.output)
-        if len(waiting) == len(pending):
-            raise ValueError(f"cannot order {len(waiting)} nodes after fusing attention")
-        pending = waiting
+    ordered = toposort([n for n in graph.node if id(n) in live])
     del graph.node[:]
     graph.node.extend(ordered)
     used = {i for n in ordered for i in n.input}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smolvlm_edge.export.graph_order import toposort
 from smolvlm_edge.runtime.errors import SmolVLMEdgeError
 
 from . import QuantizeError
@@ -89,6 +90,10 @@ def quantize_qdq(src: Path, dst: Path, graph: str, options: dict, context: Quant
         raise QuantizeError(f"recipe qdq does not know graph {graph!r}")
     exclude = _float_nodes(model) if graph == "decoder_model_merged" else []
     info.update({"float_nodes": len(exclude)} if exclude else {})
+    if exclude:
+        scaled = scale_rms_inputs(model, feeds)
+        exclude += scaled
+        info.update({"rms_norms_prescaled": len(scaled) // 2} if scaled else {})
     if opts["activations"] == "uint16" and _opset(model) < 21:
         # 16-bit QuantizeLinear/DequantizeLinear are standard from opset 21 (IR 10); onnxruntime would
         # otherwise bump the opset itself and still emit com.microsoft Q/DQ ops.
@@ -299,18 +304,7 @@ def _float_nodes(model) -> list[str]:
       into 0 and 1/sqrt(eps) blows up its normalized state.
     """
     producer = {out: n for n in model.graph.node for out in n.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    names = []
-    rms = ["Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal"]  # x -> x^2 -> mean -> + eps -> sqrt -> 1/sqrt
-    for node in (n for n in model.graph.node if n.op_type == "Pow"):
-        chain = [node]
-        while len(chain) < len(rms) and len(consumers.get(chain[-1].output[0], [])) == 1:
-            chain.append(consumers[chain[-1].output[0]][0])
-        if [n.op_type for n in chain] == rms:
-            names += [n.name for n in chain]
+    names = [n.name for chain in _rms_chains(model) for n in chain]
     todo = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
     while todo:
         node = todo.pop()
@@ -324,6 +318,86 @@ def _float_nodes(model) -> list[str]:
         masks = [producer.get(i) for i in add.input]
         names += [softmax.name, add.name] + [m.name for m in masks if m is not None and m.op_type == "Where"]
     return sorted(set(names))
+
+
+# HTP computes the float nodes left in a QDQ graph in float16: x^2 must stay below its maximum (65504).
+_FP16_SQUARE_LIMIT = 128.0  # |x| after scaling: x^2 <= 16384, room for the mean and eps
+
+
+def scale_rms_inputs(model, feeds: list[dict]) -> list[str]:
+    """Rescale each RMSNorm whose calibrated input would overflow float16 when squared; returns the new nodes.
+
+    SmolLM2's hidden states reach |x| ~ 25000, so x^2 overflows float16 in most layers, and on HTP
+    (float nodes in float16) the decoder's logits then mean nothing (demo checkpoint: cosine -0.17 with
+    the same graph on the CPU). With a power of two k such that k * max|x| <= 128:
+    1/sqrt(mean((k x)^2) + k^2 eps) * k = 1/sqrt(mean(x^2) + eps), exactly in float32 (k is a power of
+    two), and nothing overflows. The Mul by k before the Pow and the Mul by k after the Reciprocal stay float.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    chains = _rms_chains(model)
+    if not chains:
+        return []
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(pow_node.input[0], onnx.TensorProto.FLOAT, None)
+                              for pow_node, *_ in chains)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del probe
+    peaks = np.zeros(len(chains))
+    for feed in feeds:
+        wanted = {i.name for i in session.get_inputs()}
+        for i, value in enumerate(session.run(None, {k: v for k, v in feed.items() if k in wanted})):
+            peaks[i] = max(peaks[i], float(np.abs(value).max()))
+    inits = {t.name: t for t in model.graph.initializer}
+    added = []
+    for (pow_node, _, add, _, reciprocal), peak in zip(chains, peaks):
+        if peak <= _FP16_SQUARE_LIMIT:
+            continue
+        k = 2.0 ** -int(np.ceil(np.log2(peak / _FP16_SQUARE_LIMIT)))
+        name = pow_node.name or pow_node.output[0]
+        eps_name = next((i for i in add.input if i in inits), None)
+        if eps_name is None:  # eps not a stored constant: leave this norm as it is
+            continue
+        eps = numpy_helper.to_array(inits[eps_name]).astype(np.float32)
+        new_eps = numpy_helper.from_array((eps * k * k).astype(np.float32), f"{name}/prescale_eps")
+        factor = numpy_helper.from_array(np.array(k, np.float32), f"{name}/prescale_k")
+        model.graph.initializer.extend([new_eps, factor])
+        add.input[list(add.input).index(eps_name)] = new_eps.name
+        x = pow_node.input[0]
+        pow_node.input[0] = f"{name}/prescaled"
+        unscaled = reciprocal.output[0]
+        reciprocal.output[0] = f"{name}/prescaled_inverse_rms"
+        before = helper.make_node("Mul", [x, factor.name], [pow_node.input[0]], name=f"{name}/prescale")
+        after = helper.make_node("Mul", [reciprocal.output[0], factor.name], [unscaled], name=f"{name}/unscale")
+        model.graph.node.extend([before, after])
+        added += [before.name, after.name]
+    if added:
+        ordered = toposort(list(model.graph.node))
+        del model.graph.node[:]
+        model.graph.node.extend(ordered)
+    return added
+
+
+def _rms_chains(model) -> list[list]:
+    """The nodes of each RMSNorm statistic: x -> x^2 -> mean -> + eps -> sqrt -> 1/sqrt (Pow ... Reciprocal)."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    rms, chains = ["Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal"], []
+    for node in (n for n in model.graph.node if n.op_type == "Pow"):
+        chain = [node]
+        while len(chain) < len(rms) and len(consumers.get(chain[-1].output[0], [])) == 1:
+            chain.append(consumers[chain[-1].output[0]][0])
+        if [n.op_type for n in chain] == rms:
+            chains.append(chain)
+    return chains
 
 
 def _set_shape(value, dims) -> None:

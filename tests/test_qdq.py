@@ -208,3 +208,48 @@ def test_qdq_refuses_a_fused_decoder(tiny_bundles, tmp_path):
         quantize_bundle(bundle, "qdq", graphs={"vision": "none", "decoder": "qdq"},
                         calibration_prompts=("Hello there.",), progress=lambda line: None)
     assert sorted(p.name for p in (bundle / "onnx").iterdir()) == before
+
+
+def test_rms_norms_that_would_overflow_float16_are_prescaled():
+    """HTP runs the float RMSNorm statistics in float16: an input of |x| ~ 25000 (SmolLM2's massive activations)
+    squares past 65504. scale_rms_inputs multiplies x by a power of two first and undoes it after 1/sqrt: the
+    same output in float32, with every squared value in range; norms that never get near stay untouched."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from smolvlm_edge.quantize.qdq import _float_nodes, scale_rms_inputs
+
+    def norm(prefix: str, x: str) -> list:
+        return [helper.make_node("Pow", [x, "two"], [f"{prefix}/sq"], name=f"{prefix}/Pow"),
+                helper.make_node("ReduceMean", [f"{prefix}/sq", "axes"], [f"{prefix}/mean"], name=f"{prefix}/Mean"),
+                helper.make_node("Add", [f"{prefix}/mean", "eps"], [f"{prefix}/var"], name=f"{prefix}/Add"),
+                helper.make_node("Sqrt", [f"{prefix}/var"], [f"{prefix}/rms"], name=f"{prefix}/Sqrt"),
+                helper.make_node("Reciprocal", [f"{prefix}/rms"], [f"{prefix}/inv"], name=f"{prefix}/Reciprocal"),
+                helper.make_node("Mul", [x, f"{prefix}/inv"], [f"{prefix}/out"], name=f"{prefix}/Mul")]
+
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"), numpy_helper.from_array(np.array([-1]), "axes"),
+             numpy_helper.from_array(np.array(1e-5, np.float32), "eps")]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 8])  # noqa: E731
+    graph = helper.make_graph(norm("big", "x") + norm("small", "y"), "norms", [value("x"), value("y")],
+                              [value("big/out"), value("small/out")], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8)).astype(np.float32)
+    x[0, 3] = 25000.0  # a massive activation
+    feeds = [{"x": x, "y": rng.normal(size=(2, 8)).astype(np.float32)}]
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds[0])
+
+    added = scale_rms_inputs(model, feeds)
+    assert added == ["big/Pow/prescale", "big/Pow/unscale"]  # the small norm stays as it was
+    assert set(added) <= {n.name for n in model.graph.node} and len(_float_nodes(model)) == 10
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds[0])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_array_equal(got[1], want[1])
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(value("big/sq"))
+    squares = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["big/sq"], feeds[0])[0]
+    assert squares.max() <= 128.0 ** 2  # float16 holds it
