@@ -73,3 +73,15 @@ def qdq_vision_bundle(tiny_bundles, tmp_path_factory):
                     calibration_images=(calib,), calibration_prompts=("Describe the picture.",),
                     progress=lambda line: None)
     return bundle
+
+
+@pytest.fixture(scope="session")
+def qnn():
+    """The QNN HTP simulator (onnxruntime-qnn), or a skip that says why it cannot load here."""
+    pytest.importorskip("onnx")
+    from smolvlm_edge.quantize.qnn import qnn_available
+
+    ok, reason = qnn_available()
+    if not ok:
+        pytest.skip(f"QNN HTP simulator unavailable: {reason}")
+    return reason

@@ -152,17 +152,6 @@ def test_bad_options_and_fallbacks_are_refused(capsys, bundle):
 QDQ_VISION = {"vision_encoder": "qdq", "embed_tokens": "fp32", "decoder_model_merged": "fp32"}
 
 
-@pytest.fixture(scope="module")
-def qnn():
-    pytest.importorskip("onnx")
-    from smolvlm_edge.quantize.qnn import qnn_available
-
-    ok, reason = qnn_available()
-    if not ok:
-        pytest.skip(f"QNN HTP simulator unavailable: {reason}")
-    return reason
-
-
 def test_qnn_runs_the_qdq_vision_graph_on_htp_and_the_rest_on_cpu(qnn, qdq_vision_bundle):
     vlm = SmolVLM(qdq_vision_bundle, provider="qnn", precision=QDQ_VISION)
     assert vlm.graph_providers == {"vision_encoder": [QNN_EP], "embed_tokens": ["CPUExecutionProvider"],

@@ -143,16 +143,6 @@ def test_bad_requests_are_refused(built, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.fixture(scope="module")
-def qnn():
-    from smolvlm_edge.quantize.qnn import qnn_available
-
-    ok, reason = qnn_available()
-    if not ok:
-        pytest.skip(f"QNN HTP simulator unavailable: {reason}")
-    return reason
-
-
 def test_vision_runs_on_htp_without_cpu_fallback(qnn, built, frame, fp32_features):
     from smolvlm_edge.quantize.qnn import make_qnn_session
 

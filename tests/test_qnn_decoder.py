@@ -82,16 +82,6 @@ def test_static_cache_size_is_checked(plain_bundle):
         static.empty_cache(1, 9)
 
 
-@pytest.fixture(scope="module")
-def qnn():
-    from smolvlm_edge.quantize.qnn import qnn_available
-
-    ok, reason = qnn_available()
-    if not ok:
-        pytest.skip(f"QNN HTP simulator unavailable: {reason}")
-    return reason
-
-
 def test_decoder_runs_split_between_htp_and_cpu(qnn, plain_bundle):
     from smolvlm_edge.quantize.qnn import session_split
     from smolvlm_edge.runtime import SmolVLM
