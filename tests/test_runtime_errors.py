@@ -156,3 +156,29 @@ def test_runtime_runs_without_torch_or_transformers(tiny_bundles, image_file):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["token_ids"]
+
+
+def test_embedding_rows_from_a_short_file_are_refused(tmp_path):
+    """runtime/embed_table.py checks the data file holds every row the manifest says it does; a table
+    lookup with an id outside the vocabulary names the range."""
+    import numpy as np
+
+    from smolvlm_edge.runtime.embed_table import TableRows
+    from smolvlm_edge.runtime.errors import BundleError
+
+    vocab, hidden, block = 4, 64, 32
+    codes = np.arange(vocab * hidden, dtype=np.uint8).reshape(vocab, hidden)
+    scales = np.full((vocab, hidden // block), 0.5, dtype=np.float32)
+    (tmp_path / "onnx").mkdir()
+    data = tmp_path / "onnx" / "table.onnx_data"
+    data.write_bytes(codes.tobytes() + scales.tobytes())
+    rows = {"file": "onnx/table.onnx_data", "vocab_size": vocab, "hidden_size": hidden, "block_size": block,
+            "zero_point": 128, "codes_offset": 0, "scales_offset": codes.nbytes, "scales_dtype": "float32"}
+    table = TableRows(tmp_path, rows)
+    np.testing.assert_array_equal(table(np.array([[3, 1]])), (codes[[[3, 1]]].astype(np.float32) - 128) * 0.5)
+    with pytest.raises(ValueError, match=r"token id out of range \[0, 4\): 1\.\.4"):
+        table(np.array([[1, 4]]))
+    table.close()
+    data.write_bytes(data.read_bytes()[:-8])  # truncated
+    with pytest.raises(BundleError, match="table.onnx_data holds 280 bytes; its embedding rows need 288"):
+        TableRows(tmp_path, rows)
