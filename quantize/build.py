@@ -238,13 +238,10 @@ def _fused_vision_source(bundle: Bundle, src: Path, staging: Path) -> tuple[Path
     """The fp32 vision graph with MultiHeadAttention (quantize/attention.py) when the rewrite reproduces it."""
     from .attention import fused_vision_copy
 
-    fused = staging / "fused-source" / src.name
-    if not fused.is_file():
-        fused.parent.mkdir(exist_ok=True)
-        with _quiet():
-            report = fused_vision_copy(src, fused, int(bundle.manifest["vision"]["image_size"]))
-        (fused.parent / "report.json").write_text(json.dumps(report))
-    report = json.loads((fused.parent / "report.json").read_text())
+    fused = staging / "fused-source" / src.name  # one vision build per quantize call: made once
+    fused.parent.mkdir()
+    with _quiet():
+        report = fused_vision_copy(src, fused, int(bundle.manifest["vision"]["image_size"]))
     return (fused if report["attention"] == "fused" else src), report
 
 

@@ -340,20 +340,21 @@ def scale_rms_inputs(model, feeds: list[dict]) -> list[str]:
     chains = _rms_chains(model)
     if not chains:
         return []
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(pow_node.input[0], onnx.TensorProto.FLOAT, None)
-                              for pow_node, *_ in chains)
+    # The norms' inputs as extra outputs for one session (the model is not copied: a decoder is large).
+    probed = [pow_node.input[0] for pow_node, *_ in chains]
+    outputs = len(model.graph.output)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in probed)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del probe
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    finally:
+        del model.graph.output[outputs:]
+    wanted = {i.name for i in session.get_inputs()}
     peaks = np.zeros(len(chains))
     for feed in feeds:
-        wanted = {i.name for i in session.get_inputs()}
-        for i, value in enumerate(session.run(None, {k: v for k, v in feed.items() if k in wanted})):
-            peaks[i] = max(peaks[i], float(np.abs(value).max()))
+        values = session.run(probed, {k: v for k, v in feed.items() if k in wanted})
+        peaks = np.maximum(peaks, [float(np.abs(v).max()) for v in values])
     inits = {t.name: t for t in model.graph.initializer}
     added = []
     for (pow_node, _, add, _, reciprocal), peak in zip(chains, peaks):

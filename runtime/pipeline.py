@@ -120,9 +120,8 @@ class SmolVLM:
         self._sessions = {}
         if provider.strip().lower() != "qnn":
             choice = choose_provider(provider, threads, options, fallback)
-            for name in GRAPH_NAMES:
-                if not (name == "embed_tokens" and self.embed_rows is not None):
-                    self._sessions[name] = make_session(self.graph_files[name], choice, threads)
+            for name in self._session_graphs():
+                self._sessions[name] = make_session(self.graph_files[name], choice, threads)
             return {name: list(choice.providers) for name in GRAPH_NAMES}
         # QNN HTP: statically quantized (qdq) graphs only; the others stay on the CPU.
         fallback = check_fallback(fallback)
@@ -134,8 +133,8 @@ class SmolVLM:
                                 "(smolvlm-edge quantize --recipe qdq)")
         cpu = choose_provider("cpu", threads)
         qnn_options = qnn_session_options(options)
-        placed = {}
-        for name in GRAPH_NAMES:
+        placed = {name: list(cpu.providers) for name in GRAPH_NAMES}
+        for name in self._session_graphs():
             if name in on_htp:
                 try:
                     with stdout_to_stderr():
@@ -154,8 +153,11 @@ class SmolVLM:
                     warnings.warn(f"{exc}; running {name} on the CPU (--fallback {fallback})",
                                   ProviderFallbackWarning, stacklevel=3)
             self._sessions[name] = make_session(self.graph_files[name], cpu, threads)
-            placed[name] = list(cpu.providers)
         return placed
+
+    def _session_graphs(self) -> list[str]:
+        """The graphs that get a session: all but an embed graph whose rows the runtime reads itself."""
+        return [name for name in GRAPH_NAMES if not (name == "embed_tokens" and self.embed_rows is not None)]
 
     # ---- inputs -----------------------------------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
