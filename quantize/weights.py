@@ -404,7 +404,7 @@ def matmuls_8bit(model: onnx.ModelProto, names: list[str], block: int) -> int:
         done += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    _use_ms_domain(model)
+    use_ms_domain(model)
     return done
 
 
@@ -542,11 +542,12 @@ def quantize_gathers(model: onnx.ModelProto, bits: int, block: int, symmetric: b
         done += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    _use_ms_domain(model)
+    use_ms_domain(model)
     return done
 
 
-def _use_ms_domain(model: onnx.ModelProto) -> None:
+def use_ms_domain(model: onnx.ModelProto) -> None:
+    """Declare the com.microsoft opset (contrib ops) once."""
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 

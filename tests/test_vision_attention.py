@@ -1,4 +1,4 @@
-"""The vision graph's traced attention fused into MultiHeadAttention for CPU recipes (quantize/attention.py)."""
+"""The vision graph's traced attention and tanh GELU fused into onnxruntime ops for CPU recipes (quantize/attention.py)."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,8 @@ def _ops(path) -> dict:
 
 @pytest.mark.parametrize("kind", list(CHECKPOINT_KINDS))
 def test_fused_copy_reproduces_the_traced_graph(tiny_bundles, tmp_path, kind):
-    """One MultiHeadAttention per encoder layer; no Softmax left; same features on frames with a partial mask."""
+    """One MultiHeadAttention and one FastGelu per encoder layer; no Softmax or Tanh left; same features on
+    frames with a partial mask."""
     bundle = tiny_bundles(kind)
     manifest = json.loads((bundle / "manifest.json").read_text())
     src = bundle / manifest["graphs"]["vision_encoder"]["fp32"]["file"]
@@ -31,7 +32,8 @@ def test_fused_copy_reproduces_the_traced_graph(tiny_bundles, tmp_path, kind):
     assert report["attention"] == "fused", report
     ops = _ops(tmp_path / "vision_fused.onnx")
     assert ops["MultiHeadAttention"] == report["blocks"] == _ops(src)["Softmax"] > 0
-    assert "Softmax" not in ops
+    assert ops["FastGelu"] == report["fast_gelu"] == _ops(src)["Tanh"] > 0  # one tanh GELU per encoder layer
+    assert "Softmax" not in ops and "Tanh" not in ops
     feeds = _frames_with_a_partial_mask(manifest["vision"]["image_size"])
     assert not feeds["pixel_attention_mask"][0, 0].all()  # keys of the first frame are masked
     want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
@@ -85,3 +87,52 @@ def test_cpu_recipes_fuse_and_qdq_keeps_standard_ops(tiny_bundles, tmp_path, qdq
     qdq = json.loads((qdq_vision_bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["qdq"]
     assert "MultiHeadAttention" not in _ops(qdq_vision_bundle / qdq["file"])
     assert not list((bundle / "onnx").glob(".quantize-*"))  # the fused source lived in the staging folder
+
+
+def _gelu_graph(x_first: bool, expose_inner: bool = False):
+    """The traced tanh-GELU of x (as the dynamo export writes it), 0.5 and x multiplied in either order."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n)
+              for n, v in (("three", 3.0), ("cube_weight", 0.044715), ("root", (2 / np.pi) ** 0.5), ("one", 1.0),
+                           ("half", 0.5))]
+    nodes = [helper.make_node("Pow", ["x", "three"], ["cube"]),
+             helper.make_node("Mul", ["cube_weight", "cube"], ["weighted"]),
+             helper.make_node("Add", ["x", "weighted"], ["inner"]),
+             helper.make_node("Mul", ["root", "inner"], ["scaled"]),
+             helper.make_node("Tanh", ["scaled"], ["tanh"]),
+             helper.make_node("Add", ["tanh", "one"], ["plus_one"])]
+    if x_first:
+        nodes += [helper.make_node("Mul", ["x", "plus_one"], ["x_times"]),
+                  helper.make_node("Mul", ["x_times", "half"], ["y"])]
+    else:
+        nodes += [helper.make_node("Mul", ["half", "plus_one"], ["halved"]),
+                  helper.make_node("Mul", ["x", "halved"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3072])]
+    if expose_inner:
+        outputs.append(helper.make_tensor_value_info("inner", TensorProto.FLOAT, [2, 3072]))
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3072])],
+                              outputs, initializer=consts)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("x_first", [False, True])
+def test_traced_tanh_gelu_becomes_fast_gelu(x_first):
+    """Either multiplication order: one FastGelu, nothing else left, the same values (float32 rounding)."""
+    from smolvlm_edge.quantize.attention import fuse_tanh_gelu
+
+    model = _gelu_graph(x_first)
+    x = {"x": np.random.default_rng(0).uniform(-8, 8, (2, 3072)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert fuse_tanh_gelu(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["FastGelu"] and not model.graph.initializer
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_gelu_whose_inner_value_is_read_elsewhere_stays():
+    from smolvlm_edge.quantize.attention import fuse_tanh_gelu
+
+    model = _gelu_graph(x_first=False, expose_inner=True)
+    assert fuse_tanh_gelu(model) == 0
+    assert "Tanh" in [n.op_type for n in model.graph.node]
