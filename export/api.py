@@ -16,9 +16,10 @@ SUPPORTED_MODEL_TYPES = ("idefics3", "smolvlm")
 # Export order; each module has spec(config) and export(model, folder, **options).
 GRAPHS = (vision, embed, decoder)
 PRECISION = "fp32"  # transformers.js suffix "" (quantized builds add their own entries)
-# The decoder's attention: "fused" (fused_decoder.py: GroupQueryAttention, in-place KV cache; rows without
-# left padding, which the runtime ensures) or "plain" (the dynamo export: ai.onnx ops only, any padding;
-# for providers without onnxruntime's contrib ops: NNAPI, CoreML, XNNPACK, QNN, and for batched transformers.js).
+# Attention: "fused" (onnxruntime's contrib ops. Decoder: fused_decoder.py, GroupQueryAttention, in-place KV
+# cache, rows without left padding, which the runtime ensures; vision: vision_fusion.py, MultiHeadAttention and
+# FastGelu) or "plain" (the dynamo export: ai.onnx ops only, any padding; for providers without onnxruntime's
+# contrib ops: NNAPI, CoreML, XNNPACK, QNN, and for batched transformers.js).
 ATTENTION = ("fused", "plain")
 _PACKAGES = ("smolvlm-edge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 
@@ -92,10 +93,14 @@ def export_checkpoint(
             progress(f"warning: {line}")
         written = {}
         for graph in GRAPHS:
-            progress(f"exporting {graph.NAME}{' (fused attention)' if _fused(graph, attention) else ''} ...")
+            fused = attention == "fused" and graph is not embed
+            progress(f"exporting {graph.NAME}{' (fused attention)' if fused else ''} ...")
             exporter = fused_decoder.export if _fused(graph, attention) else graph.export
-            written[graph.NAME] = exporter(torch_model, work / "onnx", **options)
-            progress(f"{graph.NAME}: exported in {written[graph.NAME].seconds:.1f} s")
+            extra = {"fused": attention == "fused"} if graph is vision else {}
+            written[graph.NAME] = w = exporter(torch_model, work / "onnx", **options, **extra)
+            progress(f"{graph.NAME}: exported in {w.seconds:.1f} s")
+            if w.info and w.info.get("why"):
+                progress(f"warning: {graph.NAME} keeps its traced attention: {w.info['why']}")
 
         if verify:
             parity = {}
@@ -113,6 +118,11 @@ def export_checkpoint(
         bundle.write_manifest(work, _manifest(model, torch_model, written, parity, opset, ir_version, attention))
     progress(f"bundle written to {output}")
     return output
+
+
+def _vision_attention(info: dict | None) -> dict:
+    info = info or {"attention": "plain"}
+    return {"attention": info["attention"], "attention_check": {k: v for k, v in info.items() if k != "attention"}}
 
 
 def _fused(graph, attention: str) -> bool:
@@ -138,7 +148,8 @@ def _manifest(model: str, torch_model, written: dict, parity: dict, opset: int, 
         "onnx": {"opset": opset, "ir_version": ir_version},
         "graphs": graphs,
         "text": text,
-        "vision": vision.geometry(config),
+        # "fused": MultiHeadAttention + FastGelu (export/vision_fusion.py); "plain": the traced standard ops
+        "vision": {**vision.geometry(config), **_vision_attention(written[vision.NAME].info)},
         "parity": parity,
         "export_seconds": {name: round(w.seconds, 2) for name, w in written.items()},
     }

@@ -79,6 +79,15 @@ class WrittenGraph:
     path: Path
     external_data: Path | None
     seconds: float
+    info: dict | None = None  # what an exporter did beyond tracing (the vision fusions), for the manifest
+
+
+def use_ms_domain(model) -> None:
+    """Declare the com.microsoft opset (onnxruntime's contrib ops) in an onnx ModelProto, once."""
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 _IR_DTYPES = {"float32": "FLOAT", "int64": "INT64", "bool": "BOOL"}

@@ -2,7 +2,7 @@
 
 `build_mobile_model(bundle_dir, output)` writes one .onnx file (weights inside; above ~1.9 GiB in
 `<output>.data` beside it) that an app runs with one `session.run` on stock onnxruntime (CPU EP: the
-fused decoder's com.microsoft ops need it; a bundle exported with `--attention plain` gives a file of
+fused graphs' com.microsoft ops need it; a bundle exported with `--attention plain` gives a file of
 ai.onnx ops only):
 
     inputs   image           uint8 [height, width, 3]  RGB, any size: EXIF rotation applied and alpha

@@ -1,6 +1,8 @@
 """The vision_encoder graph: its spec, a traceable wrapper of SigLIP + connector, dummy inputs, the frame filter."""
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 from smolvlm_edge.export.graph import GraphSpec, TensorSpec, WrittenGraph, export_graph
@@ -162,8 +164,9 @@ def add_frame_filter(model, size: int, keep_first_if_none: bool) -> None:
     graph.insert_before(graph.node(0), nodes)
 
 
-def export(model, folder: Path, **options) -> WrittenGraph:
-    """Export the vision graph of `model` into `folder`; `options` go to `export_graph`."""
+def export(model, folder: Path, fused: bool = False, **options) -> WrittenGraph:
+    """Export the vision graph of `model` into `folder`; `options` go to `export_graph`. `fused`: attention and
+    GELU as onnxruntime's contrib ops (export/vision_fusion.py); otherwise standard ops only (NPUs)."""
     from torch.export import Dim
 
     config = model.config
@@ -180,7 +183,21 @@ def export(model, folder: Path, **options) -> WrittenGraph:
         **options,
     )
     _drop_nan_guards_in_file(written.path, written.external_data)
-    return written
+    info = _fuse_in_file(written, config.vision_config.image_size) if fused else {"attention": "plain"}
+    return dataclasses.replace(written, info=info)
+
+
+def _fuse_in_file(written: WrittenGraph, image_size: int) -> dict:
+    """Replace the traced graph by its fused form when the rewrite reproduces it; the report says which."""
+    from smolvlm_edge.export.vision_fusion import fused_vision_copy
+
+    if written.external_data is not None:  # weights beside the graph (> 2 GB): leave it as traced
+        return {"attention": "plain", "why": "the weights are stored beside the graph"}
+    staged = written.path.with_name(f"{NAME}.fused.onnx")
+    report = fused_vision_copy(written.path, staged, image_size)
+    if report["attention"] == "fused":
+        os.replace(staged, written.path)
+    return report
 
 
 def drop_softmax_nan_guards(model) -> int:

@@ -230,18 +230,24 @@ def _build(bundle: Bundle, step: Step, context: QuantizeContext, staging: Path, 
     return {"graph": step.graph, "precision": step.precision, "work": work, "files": files, "entry": entry}
 
 
-# Recipes whose graphs must stay standard ONNX ops (NPUs): the vision attention is not fused for them.
+# Recipes whose graphs must stay standard ONNX ops (NPUs): the vision attention is not fused for them
+# (and they refuse a bundle exported with it fused: quantize/qdq.py).
 STANDARD_OPS_RECIPES = ("qdq",)
 
 
 def _fused_vision_source(bundle: Bundle, src: Path, staging: Path) -> tuple[Path, dict]:
-    """The fp32 vision graph with MultiHeadAttention (quantize/attention.py) when the rewrite reproduces it."""
-    from .attention import fused_vision_copy
+    """The fp32 vision graph with MultiHeadAttention and FastGelu (export/vision_fusion.py): the bundle's own
+    when the export fused it, else a fused copy when the rewrite reproduces the traced graph."""
+    from smolvlm_edge.export.vision_fusion import fused_vision_copy
 
+    from .weights import save
+
+    if bundle.manifest["vision"].get("attention") == "fused":
+        return src, {"attention": "fused", "by": "export", **bundle.manifest["vision"].get("attention_check", {})}
     fused = staging / "fused-source" / src.name  # one vision build per quantize call: made once
     fused.parent.mkdir()
     with _quiet():
-        report = fused_vision_copy(src, fused, int(bundle.manifest["vision"]["image_size"]))
+        report = fused_vision_copy(src, fused, int(bundle.manifest["vision"]["image_size"]), save=save)
     return (fused if report["attention"] == "fused" else src), report
 
 

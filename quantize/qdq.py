@@ -68,7 +68,7 @@ def quantize_qdq(src: Path, dst: Path, graph: str, options: dict, context: Quant
     fused = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
     if fused:  # NPUs take standard ops only; the fused decoder is onnxruntime's contrib ops
         raise QuantizeError(f"recipe qdq needs standard ONNX ops, but {graph} has {', '.join(fused)}: export the "
-                            "bundle with `smolvlm-edge export --attention plain` for an NPU decoder")
+                            "bundle with `smolvlm-edge export --attention plain` for NPU builds")
     info: dict = {"activations": opts["activations"], "weights": opts["weights"]}
     if graph == "vision_encoder":
         feeds = _vision_feeds(context)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from smolvlm_edge.export.graph import DEFAULT_EXTERNAL_DATA_THRESHOLD
+from smolvlm_edge.export.graph import DEFAULT_EXTERNAL_DATA_THRESHOLD, use_ms_domain
 
 from . import QuantizeError
 from .recipes import QuantizeContext
@@ -544,12 +544,6 @@ def quantize_gathers(model: onnx.ModelProto, bits: int, block: int, symmetric: b
     model.graph.node.extend(nodes)
     use_ms_domain(model)
     return done
-
-
-def use_ms_domain(model: onnx.ModelProto) -> None:
-    """Declare the com.microsoft opset (contrib ops) once."""
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 # ---------------------------------------------------------------- bnb4

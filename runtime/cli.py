@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch (not recommended)")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     ex.add_argument("--attention", choices=("fused", "plain"), default="fused",
-                    help="decoder attention: fused (GroupQueryAttention, in-place KV cache; CPU/CUDA/WebGPU; default) "
-                         "or plain (standard ONNX ops, for NNAPI/CoreML/XNNPACK/QNN and left-padded batches)")
+                    help="fused (onnxruntime contrib ops: GroupQueryAttention with an in-place KV cache in the "
+                         "decoder, MultiHeadAttention and FastGelu in the vision encoder; CPU/CUDA/WebGPU; default) "
+                         "or plain (standard ONNX ops, for NNAPI/CoreML/XNNPACK/QNN, qdq builds and left-padded batches)")
 
     run = sub.add_parser("run", help="answer a prompt about images with an exported bundle",
                          description="Run an exported bundle: images and a prompt in, text out.")

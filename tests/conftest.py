@@ -30,17 +30,20 @@ def tiny_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tmp_path_factory, tiny_checkpoints):
-    """Lazily exported (and self-verified) bundles of the tiny checkpoints."""
+    """Lazily exported (and self-verified) bundles of the tiny checkpoints: `get(kind)` with fused attention
+    (the default), `get(kind, "plain")` with standard ops only (NPUs). Read-only: copy one to change it."""
     from smolvlm_edge.export.api import export_checkpoint
 
     built, logs = {}, {}
 
-    def get(kind: str):
-        if kind not in built:
-            out = tmp_path_factory.mktemp(f"bundle-{kind}") / "bundle"
-            logs[kind] = []
-            built[kind] = export_checkpoint(str(tiny_checkpoints(kind)), out, progress=logs[kind].append)
-        return built[kind]
+    def get(kind: str, attention: str = "fused"):
+        key = kind if attention == "fused" else f"{kind}-{attention}"
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"bundle-{key}") / "bundle"
+            logs[key] = []
+            built[key] = export_checkpoint(str(tiny_checkpoints(kind)), out, attention=attention,
+                                           progress=logs[key].append)
+        return built[key]
 
     get.progress_lines = logs  # what the export printed, per kind
     return get
@@ -59,14 +62,14 @@ def make_image(width: int, height: int, seed: int = 0, mode: str = "RGB"):
 
 @pytest.fixture(scope="session")
 def qdq_vision_bundle(tiny_bundles, tmp_path_factory):
-    """A copy of the tiny 256m bundle with a qdq vision build (one frame) beside its fp32 graphs."""
+    """A copy of the tiny 256m plain-attention bundle with a qdq vision build (one frame) beside its fp32 graphs."""
     import shutil
 
     from smolvlm_edge.quantize.build import quantize_bundle
 
     root = tmp_path_factory.mktemp("qdq-vision")
     bundle = root / "bundle"
-    shutil.copytree(tiny_bundles("256m"), bundle)
+    shutil.copytree(tiny_bundles("256m", "plain"), bundle)  # NPU graphs are standard ops only
     calib = root / "calib.png"
     make_image(300, 200, seed=11).save(calib)
     quantize_bundle(bundle, "qdq", graphs={"vision": "qdq", "embed": "none", "decoder": "none"},

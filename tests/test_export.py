@@ -92,7 +92,9 @@ def test_bundle_layout_and_manifest(exported):
     config = exported.model.config
     tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 // config.scale_factor**2
     assert m["vision"] == {"image_size": config.vision_config.image_size, "patch_size": config.vision_config.patch_size,
-                           "scale_factor": config.scale_factor, "tokens_per_image": tokens}
+                           "scale_factor": config.scale_factor, "tokens_per_image": tokens,
+                           "attention": "fused", "attention_check": m["vision"]["attention_check"]}
+    assert m["vision"]["attention_check"]["blocks"] == config.vision_config.num_hidden_layers
     assert m["text"]["num_kv_heads"] == config.text_config.num_key_value_heads
     assert m["text"]["image_token_id"] == config.image_token_id
     assert m["text"]["past_key_name"] % 0 == "past_key_values.0.key"
@@ -341,8 +343,12 @@ def test_batch_of_one_single_token(exported):
     assert features.shape == (1, exported.manifest["vision"]["tokens_per_image"], text.hidden_size)
 
 
-def test_vision_graph_has_no_softmax_nan_guards(exported):
-    """Padding frames are dropped before the encoder, so the traced Where(IsNaN(softmax)) guards are removed."""
-    model = onnx.load(str(exported.bundle / exported.manifest["graphs"][vision.NAME]["fp32"]["file"]))
+def test_vision_graph_has_no_softmax_nan_guards(tiny_bundles):
+    """Padding frames are dropped before the encoder, so the traced Where(IsNaN(softmax)) guards are removed
+    (from the plain graph: the fused one has no Softmax at all)."""
+    bundle = tiny_bundles("256m", "plain")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    model = onnx.load(str(bundle / manifest["graphs"][vision.NAME]["fp32"]["file"]))
     ops = [n.op_type for n in model.graph.node]
-    assert "IsNaN" not in ops and ops.count("Softmax") == exported.model.config.vision_config.num_hidden_layers
+    layers = json.loads((bundle / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    assert "IsNaN" not in ops and ops.count("Softmax") == layers

@@ -43,14 +43,12 @@ def cpu(path):
 
 
 @pytest.fixture(scope="module")
-def built(tiny_checkpoints, tmp_path_factory):
+def built(tiny_bundles, tmp_path_factory):
     """A plain-attention export of the tiny 256m checkpoint, calibration images, and the three qdq graphs."""
-    from smolvlm_edge.export.api import export_checkpoint
     from smolvlm_edge.quantize.qdq import quantize_qdq
 
     root = tmp_path_factory.mktemp("qdq")
-    bundle = export_checkpoint(str(tiny_checkpoints("256m")), root / "bundle", attention="plain",
-                               progress=lambda line: None)  # NPU graphs are standard ops only
+    bundle = Path(shutil.copytree(tiny_bundles("256m", "plain"), root / "bundle"))  # NPU graphs: standard ops only
     images = []
     for i, (w, h) in enumerate([(640, 480), (300, 500), (512, 512)]):
         images.append(root / f"calib{i}.png")

@@ -10,6 +10,8 @@ The qdq graph on the CPU is itself further from fp32 (mean 0.985, min 0.885 ther
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -22,13 +24,13 @@ HELD_OUT = "Tell me a story about a cat. Then another one about a dog, and one a
 
 
 @pytest.fixture(scope="module")
-def plain_bundle(tiny_checkpoints, tmp_path_factory):
+def plain_bundle(tiny_bundles, tmp_path_factory):
     """A plain-attention export of the tiny 256m checkpoint with a qdq decoder beside its fp32 graphs."""
-    from smolvlm_edge.export.api import export_checkpoint
+    import shutil
+
     from smolvlm_edge.quantize.build import quantize_bundle
 
-    bundle = export_checkpoint(str(tiny_checkpoints("256m")), tmp_path_factory.mktemp("qnn-decoder") / "bundle",
-                               attention="plain", progress=lambda line: None)
+    bundle = Path(shutil.copytree(tiny_bundles("256m", "plain"), tmp_path_factory.mktemp("qnn-decoder") / "bundle"))
     quantize_bundle(bundle, "qdq", graphs={"vision": "none", "embed": "none", "decoder": "qdq"},
                     calibration_prompts=("Describe the picture in one sentence.", "Write a haiku about the sea.",
                                          "What is the capital of France? Answer briefly."),

@@ -1,7 +1,9 @@
-"""The vision graph's traced attention and tanh GELU fused into onnxruntime ops for CPU recipes (quantize/attention.py)."""
+"""The vision graph's traced attention and tanh GELU as onnxruntime's fused ops (export/vision_fusion.py): written
+by `export --attention fused` (the default), or fused into a copy for CPU recipes of a plain bundle."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,8 +11,13 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import CHECKPOINT_KINDS  # noqa: E402
-from smolvlm_edge.quantize.attention import _frames_with_a_partial_mask, fuse_vision_attention, fused_vision_copy  # noqa: E402
+from conftest import CHECKPOINT_KINDS, make_image  # noqa: E402
+from smolvlm_edge.export.vision_fusion import (  # noqa: E402
+    _frames_with_a_partial_mask,
+    fuse_tanh_gelu,
+    fuse_vision_attention,
+    fused_vision_copy,
+)
 
 
 def _ops(path) -> dict:
@@ -21,13 +28,39 @@ def _ops(path) -> dict:
     return counts
 
 
-@pytest.mark.parametrize("kind", list(CHECKPOINT_KINDS))
-def test_fused_copy_reproduces_the_traced_graph(tiny_bundles, tmp_path, kind):
-    """One MultiHeadAttention and one FastGelu per encoder layer; no Softmax or Tanh left; same features on
-    frames with a partial mask."""
-    bundle = tiny_bundles(kind)
+def _vision(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
-    src = bundle / manifest["graphs"]["vision_encoder"]["fp32"]["file"]
+    return manifest, bundle / manifest["graphs"]["vision_encoder"]["fp32"]["file"]
+
+
+def _run(path_or_model, feeds):
+    model = path_or_model.SerializeToString() if hasattr(path_or_model, "SerializeToString") else str(path_or_model)
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINT_KINDS))
+def test_export_writes_the_fused_vision_graph(tiny_bundles, kind):
+    """Default export: one MultiHeadAttention and one FastGelu per encoder layer, no Softmax or Tanh left, the
+    manifest says so, and the export's own check against PyTorch passed on it."""
+    manifest, path = _vision(tiny_bundles(kind))
+    layers = json.loads((tiny_bundles(kind) / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    ops = _ops(path)
+    assert manifest["vision"]["attention"] == "fused"
+    assert ops["MultiHeadAttention"] == ops["FastGelu"] == manifest["vision"]["attention_check"]["blocks"] == layers
+    assert "Softmax" not in ops and "Tanh" not in ops
+    assert manifest["parity"]["vision_encoder"]["passed"]
+
+
+def test_plain_export_keeps_standard_ops(tiny_bundles):
+    manifest, path = _vision(tiny_bundles("256m", "plain"))
+    model = onnx.load(str(path), load_external_data=False)
+    assert manifest["vision"]["attention"] == "plain"
+    assert not [n.op_type for n in model.graph.node if n.domain == "com.microsoft"]
+
+
+def test_fused_copy_reproduces_the_traced_graph(tiny_bundles, tmp_path):
+    """The copy CPU recipes quantize from a plain bundle: same features on frames with a partial mask."""
+    manifest, src = _vision(tiny_bundles("256m", "plain"))
     report = fused_vision_copy(src, tmp_path / "vision_fused.onnx", manifest["vision"]["image_size"])
     assert report["attention"] == "fused", report
     ops = _ops(tmp_path / "vision_fused.onnx")
@@ -36,17 +69,15 @@ def test_fused_copy_reproduces_the_traced_graph(tiny_bundles, tmp_path, kind):
     assert "Softmax" not in ops and "Tanh" not in ops
     feeds = _frames_with_a_partial_mask(manifest["vision"]["image_size"])
     assert not feeds["pixel_attention_mask"][0, 0].all()  # keys of the first frame are masked
-    want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-                 for p in (src, tmp_path / "vision_fused.onnx"))
+    want, got = _run(src, feeds), _run(tmp_path / "vision_fused.onnx", feeds)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, float(np.abs(want).max())))
     assert report["max_diff"] <= 1e-4 * max(1.0, float(np.abs(want).max()))
 
 
-def test_the_mask_reaches_the_fused_attention(tiny_bundles, tmp_path):
+def test_the_mask_reaches_the_fused_attention(tiny_bundles):
     """Dropping the key mask changes the masked frame's features: the rewrite's check would notice."""
-    bundle = tiny_bundles("256m")
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    model = onnx.load(str(bundle / manifest["graphs"]["vision_encoder"]["fp32"]["file"]))
+    manifest, src = _vision(tiny_bundles("256m", "plain"))
+    model = onnx.load(str(src))
     assert fuse_vision_attention(model) > 0
     unmasked = onnx.ModelProto()
     unmasked.CopyFrom(model)
@@ -54,8 +85,7 @@ def test_the_mask_reaches_the_fused_attention(tiny_bundles, tmp_path):
         if node.op_type == "MultiHeadAttention":
             del node.input[3:]
     feeds = _frames_with_a_partial_mask(manifest["vision"]["image_size"])
-    masked_out, unmasked_out = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-                                .run(None, feeds)[0] for m in (model, unmasked))
+    masked_out, unmasked_out = _run(model, feeds), _run(unmasked, feeds)
     assert np.abs(masked_out[0] - unmasked_out[0]).max() > 1e-3  # the partial frame depends on its mask
     np.testing.assert_allclose(masked_out[1], unmasked_out[1], atol=1e-5)  # the full frame does not
 
@@ -73,20 +103,26 @@ def test_a_graph_without_attention_stays_plain(tmp_path):
 
 
 def test_cpu_recipes_fuse_and_qdq_keeps_standard_ops(tiny_bundles, tmp_path, qdq_vision_bundle):
-    """int8's vision build carries MultiHeadAttention and says so in the manifest; qdq's has none (NPUs)."""
-    import shutil
-
+    """int8's vision build carries MultiHeadAttention and says where it came from (the export's fused graph,
+    or a fused copy of a plain bundle's); qdq's has none (NPUs) and refuses a fused bundle."""
+    from smolvlm_edge.quantize import QuantizeError
     from smolvlm_edge.quantize.build import quantize_bundle
 
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundles("256m"), bundle)
-    quantize_bundle(bundle, "int8", graphs={"embed": "none", "decoder": "none"}, progress=lambda line: None)
-    entry = json.loads((bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["int8"]
-    assert entry["info"]["attention"]["attention"] == "fused"
-    assert _ops(bundle / entry["file"]).get("MultiHeadAttention", 0) == entry["info"]["attention"]["blocks"] > 0
+    for attention, by in (("fused", "export"), ("plain", None)):
+        bundle = tmp_path / attention
+        shutil.copytree(tiny_bundles("256m", attention), bundle)
+        quantize_bundle(bundle, "int8", graphs={"embed": "none", "decoder": "none"}, progress=lambda line: None)
+        entry = json.loads((bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["int8"]
+        assert entry["info"]["attention"]["attention"] == "fused"
+        assert entry["info"]["attention"].get("by") == by
+        assert _ops(bundle / entry["file"]).get("MultiHeadAttention", 0) == entry["info"]["attention"]["blocks"] > 0
+        assert not list((bundle / "onnx").glob(".quantize-*"))  # the fused source lived in the staging folder
     qdq = json.loads((qdq_vision_bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["qdq"]
     assert "MultiHeadAttention" not in _ops(qdq_vision_bundle / qdq["file"])
-    assert not list((bundle / "onnx").glob(".quantize-*"))  # the fused source lived in the staging folder
+    make_image(64, 48).save(tmp_path / "calib.png")
+    with pytest.raises(QuantizeError, match="MultiHeadAttention.*--attention plain"):
+        quantize_bundle(tmp_path / "fused", "qdq", graphs={"vision": "qdq", "embed": "none", "decoder": "none"},
+                        calibration_images=(tmp_path / "calib.png",), progress=lambda line: None)
 
 
 def _gelu_graph(x_first: bool, expose_inner: bool = False):
@@ -119,8 +155,6 @@ def _gelu_graph(x_first: bool, expose_inner: bool = False):
 @pytest.mark.parametrize("x_first", [False, True])
 def test_traced_tanh_gelu_becomes_fast_gelu(x_first):
     """Either multiplication order: one FastGelu, nothing else left, the same values (float32 rounding)."""
-    from smolvlm_edge.quantize.attention import fuse_tanh_gelu
-
     model = _gelu_graph(x_first)
     x = {"x": np.random.default_rng(0).uniform(-8, 8, (2, 3072)).astype(np.float32)}
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
@@ -131,8 +165,6 @@ def test_traced_tanh_gelu_becomes_fast_gelu(x_first):
 
 
 def test_a_gelu_whose_inner_value_is_read_elsewhere_stays():
-    from smolvlm_edge.quantize.attention import fuse_tanh_gelu
-
     model = _gelu_graph(x_first=False, expose_inner=True)
     assert fuse_tanh_gelu(model) == 0
     assert "Tanh" in [n.op_type for n in model.graph.node]
