@@ -21,10 +21,17 @@ from smolvlm_edge.export.vision_fusion import (  # noqa: E402
 
 
 def _ops(path) -> dict:
-    model = onnx.load(str(path), load_external_data=False)
+    """Node counts by type, subgraphs (the attention's If branches) included."""
     counts: dict = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+
+    def walk(graph):
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(sub)
+
+    walk(onnx.load(str(path), load_external_data=False).graph)
     return counts
 
 
@@ -40,13 +47,14 @@ def _run(path_or_model, feeds):
 
 @pytest.mark.parametrize("kind", list(CHECKPOINT_KINDS))
 def test_export_writes_the_fused_vision_graph(tiny_bundles, kind):
-    """Default export: one MultiHeadAttention and one FastGelu per encoder layer, no Softmax or Tanh left, the
-    manifest says so, and the export's own check against PyTorch passed on it."""
+    """Default export: per encoder layer one FastGelu and one If choosing a MultiHeadAttention with or without
+    the key mask; no Softmax or Tanh left; the manifest says so; the export's check against PyTorch passed."""
     manifest, path = _vision(tiny_bundles(kind))
     layers = json.loads((tiny_bundles(kind) / "config.json").read_text())["vision_config"]["num_hidden_layers"]
     ops = _ops(path)
     assert manifest["vision"]["attention"] == "fused"
-    assert ops["MultiHeadAttention"] == ops["FastGelu"] == manifest["vision"]["attention_check"]["blocks"] == layers
+    assert ops["If"] == ops["FastGelu"] == manifest["vision"]["attention_check"]["blocks"] == layers
+    assert ops["MultiHeadAttention"] == 2 * layers
     assert "Softmax" not in ops and "Tanh" not in ops
     assert manifest["parity"]["vision_encoder"]["passed"]
 
@@ -64,26 +72,30 @@ def test_fused_copy_reproduces_the_traced_graph(tiny_bundles, tmp_path):
     report = fused_vision_copy(src, tmp_path / "vision_fused.onnx", manifest["vision"]["image_size"])
     assert report["attention"] == "fused", report
     ops = _ops(tmp_path / "vision_fused.onnx")
-    assert ops["MultiHeadAttention"] == report["blocks"] == _ops(src)["Softmax"] > 0
+    assert ops["If"] == report["blocks"] == _ops(src)["Softmax"] > 0
     assert ops["FastGelu"] == report["fast_gelu"] == _ops(src)["Tanh"] > 0  # one tanh GELU per encoder layer
     assert "Softmax" not in ops and "Tanh" not in ops
     feeds = _frames_with_a_partial_mask(manifest["vision"]["image_size"])
     assert not feeds["pixel_attention_mask"][0, 0].all()  # keys of the first frame are masked
-    want, got = _run(src, feeds), _run(tmp_path / "vision_fused.onnx", feeds)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, float(np.abs(want).max())))
-    assert report["max_diff"] <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    for frames in (feeds, {name: value[:, 1:] for name, value in feeds.items()}):  # masked keys; full frame only
+        want, got = _run(src, frames), _run(tmp_path / "vision_fused.onnx", frames)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+        assert report["max_diff"] <= 1e-4 * max(1.0, float(np.abs(want).max()))
 
 
 def test_the_mask_reaches_the_fused_attention(tiny_bundles):
-    """Dropping the key mask changes the masked frame's features: the rewrite's check would notice."""
+    """Dropping the key mask from the masked branch changes the masked frame's features: the rewrite's check
+    would notice."""
     manifest, src = _vision(tiny_bundles("256m", "plain"))
     model = onnx.load(str(src))
     assert fuse_vision_attention(model) > 0
     unmasked = onnx.ModelProto()
     unmasked.CopyFrom(model)
     for node in unmasked.graph.node:
-        if node.op_type == "MultiHeadAttention":
-            del node.input[3:]
+        if node.op_type == "If":
+            masked = next(a.g for a in node.attribute if a.name == "else_branch")
+            assert masked.node[0].op_type == "MultiHeadAttention" and len(masked.node[0].input) == 5
+            del masked.node[0].input[3:]
     feeds = _frames_with_a_partial_mask(manifest["vision"]["image_size"])
     masked_out, unmasked_out = _run(model, feeds), _run(unmasked, feeds)
     assert np.abs(masked_out[0] - unmasked_out[0]).max() > 1e-3  # the partial frame depends on its mask
@@ -115,7 +127,7 @@ def test_cpu_recipes_fuse_and_qdq_keeps_standard_ops(tiny_bundles, tmp_path, qdq
         entry = json.loads((bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["int8"]
         assert entry["info"]["attention"]["attention"] == "fused"
         assert entry["info"]["attention"].get("by") == by
-        assert _ops(bundle / entry["file"]).get("MultiHeadAttention", 0) == entry["info"]["attention"]["blocks"] > 0
+        assert _ops(bundle / entry["file"]).get("If", 0) == entry["info"]["attention"]["blocks"] > 0
         assert not list((bundle / "onnx").glob(".quantize-*"))  # the fused source lived in the staging folder
     qdq = json.loads((qdq_vision_bundle / "manifest.json").read_text())["graphs"]["vision_encoder"]["qdq"]
     assert "MultiHeadAttention" not in _ops(qdq_vision_bundle / qdq["file"])
