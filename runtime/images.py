@@ -28,6 +28,10 @@ MAX_IMAGE_PIXELS = 89_478_485
 _MAX_RESIZED_SIDE = 4096
 
 
+# Resizes touching at least this many pixels (input + output) run one Pillow call per colour band, two at a time.
+_BANDS_IN_THREADS_PIXELS = 1_000_000
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -109,6 +113,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # ---------------------------------------------------------------- configuration
+
+
+def resize_bands(image: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:
+    """`image.resize(size, resample)`, the same pixels, sooner for big images: Pillow resamples each band of
+    an 8-bit image with the same coefficients and integer arithmetic, independently of the others, and
+    releases the GIL meanwhile, so R, G and B resize in two threads (SmolVLM's 512 -> 2048 -> 512 frame:
+    ~99 -> ~86 ms on two cores). Small images and other modes resize in one call."""
+    pixels = image.width * image.height + size[0] * size[1]
+    if image.mode != "RGB" or pixels < _BANDS_IN_THREADS_PIXELS:
+        return image.resize(size, resample=resample)
+    bands = _band_pool().map(lambda band: band.resize(size, resample=resample), image.split())
+    return Image.merge("RGB", list(bands))
+
+
+_POOL = None
+
+
+def _band_pool():
+    """Two worker threads, made on first use (only Pillow's resampling, which holds no GIL, runs in them)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="smolvlm-resize")
+    return _POOL
 
 
 @dataclass(frozen=True)
@@ -304,7 +333,7 @@ class ImageProcessor:
 
     def _resize(self, image: Image.Image, height: int, width: int) -> Image.Image:
         # Pillow on uint8 RGB, like the reference's numpy -> PIL -> numpy round trip (lossless for uint8).
-        return image.resize((width, height), resample=self._resample)
+        return resize_bands(image, (width, height), self._resample)
 
     def _normalize(self, image: Image.Image) -> np.ndarray:
         """uint8 HWC -> float32 CHW with the reference's dtypes: rescale in float64 then cast to float32,
