@@ -32,3 +32,16 @@ def test_bench_smoke(tiny_bundles, tmp_path):
     assert "ort:fp32 decode / torch decode" in table
     with Image.open(out / "bench.png") as image:
         assert image.size[0] > 0 and image.size[1] > 0
+
+
+def test_peers_can_be_named(tiny_bundles):
+    """`--peers` alone runs every peer, `--peers NAME ...` only those, no flag none (llama.cpp with --llama-cpp)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    base = ["--bundle", str(tiny_bundles("256m")), "--precisions", "fp32"]
+    assert run.engine_specs(run.parse(base)) == ["ort:fp32"]
+    assert run.engine_specs(run.parse(base + ["--peers"])) == ["ort:fp32", *run.PEERS]
+    assert run.engine_specs(run.parse(base + ["--peers", "genai:int4"])) == ["ort:fp32", "genai:int4"]
+    assert run.engine_specs(run.parse(base + ["--llama-cpp", "model.gguf"])) == ["ort:fp32", "llama.cpp"]
