@@ -10,14 +10,14 @@ it without the mask: onnxruntime then takes its flash-attention kernel (int8 fra
 The tanh GELU is traced as Pow, Mul, Add, Mul, Tanh, Add, Mul, Mul: eight passes over a
 [frames, patches, 3072] tensor per layer, which onnxruntime's optimizer leaves alone. `FastGelu`
 (contrib op) computes the same 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in one: profiled on the
-256M int8 graph, one 512x512 frame, 52 ms -> 14 ms; fp32 frame 1289 -> 1208 ms with both fusions.
-(Residual Add + LayerNormalization -> SkipLayerNormalization was tried too and dropped: 50 ms against
-14 ms unfused.)
+256M int8 graph, one 512x512 frame, 52 ms -> 14 ms. The fp32 frame: 1289 ms traced, 1208 ms with both
+fusions, ~1150 ms with the unmasked attention for full frames. (Residual Add + LayerNormalization ->
+SkipLayerNormalization was tried too and dropped: 50 ms against 14 ms unfused.)
 
 `export --attention fused` (the default) writes the fused graph as the bundle's fp32 vision encoder
 (export/vision.py); `--attention plain` keeps the traced, standard-op graph for NPUs, and CPU recipes
 then quantize a fused copy of it (quantize/build.py). Each rewrite is checked by running both graphs
-on frames with a partial mask (and the export's own check compares the result with PyTorch).
+on a partly masked frame and on a full one (and the export's own check compares the result with PyTorch).
 """
 from __future__ import annotations
 
