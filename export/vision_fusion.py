@@ -132,7 +132,6 @@ def fuse_vision_attention(model: onnx.ModelProto) -> int:
     return replaced
 
 
-
 def fuse_tanh_gelu(model: onnx.ModelProto) -> int:
     """x * 0.5 * (1 + tanh(c (x + 0.044715 x^3))) -> FastGelu(x), in place; returns how many."""
     g = _Graph(model.graph)
