@@ -1,14 +1,17 @@
 """Speed and memory of each engine on one bundle: our onnxruntime builds, PyTorch eager, llama.cpp.
 
     python -m benchmarks.run [--bundle out/demo-bundle] [--precisions fp32 q4f16 int8] [--torch]
-                             [--llama-cpp GGUF] [--peers] [--threads 2] [--repeats 3] [--prefill-tokens 256]
-                             [--decode-tokens 128] [--out benchmarks/results]
+                             [--llama-cpp GGUF] [--peers [PEER ...]] [--threads 2] [--repeats 3] [--rounds 1]
+                             [--prefill-tokens 256] [--decode-tokens 128] [--out benchmarks/results]
 
 Each engine runs in its own child process (`--child ENGINE`), so its peak RSS is its own. Per
 engine, after one warm-up, `--repeats` runs of: vision ms per frame (1 frame, and 5 frames in one
 batch), time to first token for one 512x512 picture and "What is in this image?" (no tiles,
 greedy), prefill tok/s for `--prefill-tokens` ids of quantize/data/reference_text.txt, and decode
 tok/s for `--decode-tokens` greedy steps after it (EOS ignored). Median and min/max of each.
+`--rounds N` runs the whole list of engines N times, forward then backward (a fresh process each
+time): each figure is then the median of the rounds' medians, so a machine whose speed drifts over
+minutes (this one does, by 10-20 %) weighs on every engine alike instead of on whichever ran last.
 Both PyTorch's text path and ours compute logits for the last position only (as generation does;
 the fused graph's num_logits_to_keep). llama.cpp has no vision here.
 Prints one JSON record per engine and a Markdown table with ratios; writes bench.jsonl, bench.md
@@ -395,6 +398,30 @@ def run_child(spec: str, args) -> dict:
     return json.loads(lines[-1])
 
 
+METRICS = ("vision_ms_per_frame", "ttft_ms", "prefill_tok_s", "decode_tok_s")
+
+
+def merge_rounds(records: list[dict]) -> dict:
+    """One engine's records from several rounds as one: per figure the median of the rounds' medians and
+    the min/max over all runs, the highest peak RSS; a round that failed or was skipped makes the record."""
+    if len(records) == 1 or any("error" in r or "skipped" in r for r in records):
+        return next((r for r in records if "error" in r or "skipped" in r), records[0])
+
+    def merged(spreads: list[dict]) -> dict:
+        return {"median": round(statistics.median(s["median"] for s in spreads), 3),
+                "min": min(s["min"] for s in spreads), "max": max(s["max"] for s in spreads)}
+
+    out = {**records[0], "rounds": len(records), "peak_rss_mb": max(r["peak_rss_mb"] for r in records)}
+    for key in METRICS:
+        if key not in out:
+            continue
+        if key == "vision_ms_per_frame":
+            out[key] = {frames: merged([r[key][frames] for r in records]) for frames in out[key]}
+        else:
+            out[key] = merged([r[key] for r in records])
+    return out
+
+
 def median(records: list[dict], engine: str, key: str, frames: str = "1"):
     record = next((r for r in records if r["engine"] == engine and key in r), None)
     if record is None:
@@ -443,7 +470,10 @@ def markdown(records: list[dict], load: dict) -> str:
                  r["peak_rss_mb"], r["size_mb"]]
         lines.append(f"| {r['engine']} | {' | '.join(cell(c) for c in cells)} |")
     first = next((r for r in records if "threads" in r), {})
-    lines += ["", f"Median (min–max) of {first.get('repeats')} runs after a warm-up, {first.get('threads')} threads, "
+    runs = f"{first.get('repeats')} run(s) after a warm-up"
+    if first.get("rounds"):
+        runs = f"{first['rounds']} rounds (engines in alternating order) x {runs}"
+    lines += ["", f"Median (min–max) of {runs}, {first.get('threads')} threads, "
               f"prefill {first.get('prefill_tokens')} tokens, decode {first.get('decode_tokens')} tokens; "
               f"busy: {load['busy_processes']} other processes running, load {load['load_1m']}.", ""]
     return "\n".join(lines + ratios(records)) + "\n"
@@ -480,6 +510,8 @@ def parse(argv=None):
     parser.add_argument("--peers", nargs="*", choices=list(PEERS), metavar="PEER",
                         help="also llama.cpp, onnxruntime-genai and OpenVINO on the same LM weights, each in its own venv "
                              f"(benchmarks/peers/setup.sh makes them); name some to run only those: {' '.join(PEERS)}")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every engine this many times, in alternating order (more robust ratios on a busy machine)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=256)
@@ -498,11 +530,15 @@ def main(argv=None) -> list[dict]:
         return []
     load = busy()
     print(f"busy: {load['busy_processes']} other processes running (1-minute load {load['load_1m']})", flush=True)
-    records = []
-    for spec in engine_specs(args):
-        record = {**run_child(spec, args), **load}
-        records.append(record)
-        print(json.dumps(record), flush=True)
+    specs = engine_specs(args)
+    rounds: dict[str, list[dict]] = {spec: [] for spec in specs}
+    for turn in range(args.rounds):
+        # Forward, then backward, ...: a machine that drifts over minutes then weighs on every engine alike.
+        for spec in specs if turn % 2 == 0 else specs[::-1]:
+            record = {**run_child(spec, args), **load}
+            rounds[spec].append(record)
+            print(json.dumps(record), flush=True)
+    records = [merge_rounds(rounds[spec]) for spec in specs]
     table = markdown(records, load)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
