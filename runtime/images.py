@@ -119,7 +119,7 @@ def resize_bands(image: Image.Image, size: tuple[int, int], resample: int) -> Im
     """`image.resize(size, resample)`, the same pixels, sooner for big images: Pillow resamples each band of
     an 8-bit image with the same coefficients and integer arithmetic, independently of the others, and
     releases the GIL meanwhile, so R, G and B resize in two threads (SmolVLM's 512 -> 2048 -> 512 frame:
-    ~99 -> ~86 ms on two cores). Small images and other modes resize in one call."""
+    98 -> 84 ms on two cores). Small images and other modes resize in one call."""
     pixels = image.width * image.height + size[0] * size[1]
     if image.mode != "RGB" or pixels < _BANDS_IN_THREADS_PIXELS:
         return image.resize(size, resample=resample)
@@ -127,17 +127,18 @@ def resize_bands(image: Image.Image, size: tuple[int, int], resample: int) -> Im
     return Image.merge("RGB", list(bands))
 
 
-_POOL = None
+_POOL: tuple | None = None  # (pid that made it, executor)
 
 
 def _band_pool():
-    """Two worker threads, made on first use (only Pillow's resampling, which holds no GIL, runs in them)."""
+    """Two worker threads, made on first use (only Pillow's resampling, which holds no GIL, runs in them), and
+    made again in a forked child, where the parent's threads do not exist (its executor would wait forever)."""
     global _POOL
-    if _POOL is None:
+    if _POOL is None or _POOL[0] != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="smolvlm-resize")
-    return _POOL
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="smolvlm-resize"))
+    return _POOL[1]
 
 
 @dataclass(frozen=True)

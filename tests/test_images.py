@@ -346,3 +346,20 @@ def test_resizing_bands_in_threads_gives_pillows_pixels(src, size):
     for resample in (Image.Resampling.LANCZOS, Image.Resampling.BICUBIC, Image.Resampling.BILINEAR):
         want = np.asarray(image.resize(size, resample=resample))
         np.testing.assert_array_equal(np.asarray(rt.resize_bands(image, size, resample)), want)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_band_threads_work_in_a_forked_child():
+    """A child forked after the parent used the band threads makes its own (the parent's are not there)."""
+    import multiprocessing
+
+    image = _picture(1200, 900, seed=3)
+    want = np.asarray(image.resize((400, 300), resample=Image.Resampling.LANCZOS))
+    rt.resize_bands(image, (1400, 1000), Image.Resampling.LANCZOS)  # the parent's pool exists now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_resized_in_child, (image,)).get(timeout=60)
+    np.testing.assert_array_equal(got, want)
+
+
+def _resized_in_child(image):
+    return np.asarray(rt.resize_bands(image, (400, 300), Image.Resampling.LANCZOS))
