@@ -26,6 +26,9 @@ DEFAULT_ROWS = {
     "int8 (weight-only)": ("int8", {"mode": "weight_only"}),
     "int8 (weight-only, accuracy_level 0)": ("int8", {"mode": "weight_only", "accuracy_level": 0}),
     "q4 (rtn)": ("q4", {"algorithm": "rtn"}),
+    # onnxruntime-genai's builder default: RTN int4 everywhere, the lm_head and table too (benchmark peer genai:int4)
+    "q4 (rtn, 4-bit lm_head and table: genai's recipe)": ("q4", {"algorithm": "rtn", "lm_head_bits": 4,
+                                                                  "share_embeddings": False}),
     "q4 (hqq, 4-bit lm_head and table)": ("q4", {"lm_head_bits": 4, "share_embeddings": False}),
     "q4 (hqq)": ("q4", {}),
     "q4 (hqq, accuracy_level 0)": ("q4", {"accuracy_level": 0}),
