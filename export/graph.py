@@ -82,6 +82,23 @@ class WrittenGraph:
     info: dict | None = None  # what an exporter did beyond tracing (the vision fusions), for the manifest
 
 
+def load_with_weights(path: Path):
+    """onnx.load of a graph and the weights beside it. onnx refuses to read a weight file with more than one
+    hard link (a guard against link attacks; `cp -al` copies make them): say that and what to do, naming the
+    graph, instead of onnx's checker trace."""
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except onnx.checker.ValidationError as exc:
+        if "hard link" not in str(exc):
+            raise
+        from smolvlm_edge.runtime.errors import BundleError
+
+        raise BundleError(f"{path}: onnx will not read weights from a file with several hard links ({exc}); copy "
+                          "the bundle without hard links (cp -r, not cp -al) and try again") from exc
+
+
 def use_ms_domain(model) -> None:
     """Declare the com.microsoft opset (onnxruntime's contrib ops) in an onnx ModelProto, once."""
     from onnx import helper

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smolvlm_edge.export.graph import load_with_weights
 from smolvlm_edge.export.graph_order import toposort
 from smolvlm_edge.export.mobile_merge import _inline, _Weights
 from smolvlm_edge.export.mobile_nodes import _Nodes
@@ -113,8 +114,6 @@ def _cast_if(b: _Nodes, value: str, have: int, want: int) -> str:
 
 
 def _load_graphs(bundle, precision):
-    import onnx
-
     from smolvlm_edge.runtime.bundle import GRAPH_NAMES
 
     chosen = precision if isinstance(precision, dict) else {}
@@ -123,7 +122,7 @@ def _load_graphs(bundle, precision):
     if unknown:
         raise ExportError(f"precision names unknown graph(s) {sorted(unknown)}; graphs: {', '.join(GRAPH_NAMES)}")
     picked = {name: chosen.get(name, default) for name in GRAPH_NAMES}
-    models = {name: onnx.load(str(bundle.graph_file(name, p)), load_external_data=True) for name, p in picked.items()}
+    models = {name: load_with_weights(bundle.graph_file(name, p)) for name, p in picked.items()}
     return models, picked
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from smolvlm_edge.export.graph import DEFAULT_EXTERNAL_DATA_THRESHOLD, use_ms_domain
+from smolvlm_edge.export.graph import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_with_weights, use_ms_domain
 
 from . import QuantizeError
 from .recipes import QuantizeContext
@@ -34,7 +34,7 @@ _QUANT_OPS = {"MatMulNBits", "GatherBlockQuantized", "MatMulBnb4", "MatMulIntege
 
 def load(src: Path) -> onnx.ModelProto:
     """The fp32 graph with its weights (external data read from beside it)."""
-    model = onnx.load(str(src))
+    model = load_with_weights(src)
     _name_nodes(model)
     return model
 

@@ -352,3 +352,26 @@ def test_vision_graph_has_no_softmax_nan_guards(tiny_bundles):
     ops = [n.op_type for n in model.graph.node]
     layers = json.loads((bundle / "config.json").read_text())["vision_config"]["num_hidden_layers"]
     assert "IsNaN" not in ops and ops.count("Softmax") == layers
+
+
+def test_hard_linked_weights_are_refused_with_a_clear_error(tmp_path):
+    """onnx will not read external data from a file with several hard links (`cp -al` copies): the error names
+    the graph and the way out, and the same graph loads from a plain copy."""
+    import os
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from smolvlm_edge.export.graph import load_with_weights
+    from smolvlm_edge.runtime.errors import BundleError
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], initializer=[weight])
+    path = tmp_path / "graph.onnx"
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, location="graph.onnx_data",
+                    size_threshold=0)
+    assert load_with_weights(path).graph.initializer[0].raw_data  # read from beside the graph
+    os.link(tmp_path / "graph.onnx_data", tmp_path / "linked.onnx_data")
+    with pytest.raises(BundleError, match=r"graph\.onnx: onnx will not read weights .* hard links.*cp -r"):
+        load_with_weights(path)
