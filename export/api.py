@@ -95,8 +95,8 @@ def export_checkpoint(
         for graph in GRAPHS:
             fused = attention == "fused" and graph is not embed
             progress(f"exporting {graph.NAME}{' (fused attention)' if fused else ''} ...")
-            exporter = fused_decoder.export if _fused(graph, attention) else graph.export
-            extra = {"fused": attention == "fused"} if graph is vision else {}
+            exporter = fused_decoder.export if fused and graph is decoder else graph.export
+            extra = {"fused": fused} if graph is vision else {}
             written[graph.NAME] = w = exporter(torch_model, work / "onnx", **options, **extra)
             progress(f"{graph.NAME}: exported in {w.seconds:.1f} s")
             if w.info and w.info.get("why"):
@@ -123,10 +123,6 @@ def export_checkpoint(
 def _vision_attention(info: dict | None) -> dict:
     info = info or {"attention": "plain"}
     return {"attention": info["attention"], "attention_check": {k: v for k, v in info.items() if k != "attention"}}
-
-
-def _fused(graph, attention: str) -> bool:
-    return graph is decoder and attention == "fused"
 
 
 def _manifest(model: str, torch_model, written: dict, parity: dict, opset: int, ir_version: int,

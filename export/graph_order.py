@@ -2,14 +2,26 @@
 from __future__ import annotations
 
 
+def subgraphs(node) -> list:
+    """The graphs a node holds in its attributes (an If's branches, a Loop's body)."""
+    return [g for attr in node.attribute for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+
+
+def all_nodes(graph):
+    """The graph's nodes, each followed by those of its subgraphs, depth first."""
+    for node in graph.node:
+        yield node
+        for sub in subgraphs(node):
+            yield from all_nodes(sub)
+
+
 def used_names(node) -> set[str]:
     """A node's inputs, plus the outer-scope names its subgraphs read (a Loop/If depends on those too)."""
     used = {n for n in node.input if n}
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            inner = {v.name for v in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
-            used |= {n for sub in g.node for n in used_names(sub)} - inner
-            used |= {o.name for o in g.output} - inner
+    for g in subgraphs(node):
+        inner = {v.name for v in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+        used |= {n for sub in g.node for n in used_names(sub)} - inner
+        used |= {o.name for o in g.output} - inner
     return used
 
 

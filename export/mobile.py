@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from smolvlm_edge.export.graph import load_with_weights
-from smolvlm_edge.export.graph_order import toposort
+from smolvlm_edge.export.graph_order import all_nodes, toposort
 from smolvlm_edge.export.mobile_merge import _inline, _Weights
 from smolvlm_edge.export.mobile_nodes import _Nodes
 from smolvlm_edge.export.mobile_preprocess import _preprocess, build_preprocess_model
@@ -340,13 +340,7 @@ def _info(bundle, text, config, picked, max_new_tokens, with_tokenizer, prefix_i
 
 
 def _count_nodes(graph) -> int:
-    total = 0
-    for node in graph.node:
-        total += 1
-        for attr in node.attribute:
-            subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-            total += sum(_count_nodes(g) for g in subs)
-    return total
+    return sum(1 for _ in all_nodes(graph))
 
 
 def _save(model, path: Path, weight_bytes: int) -> Path:

@@ -5,6 +5,7 @@ import hashlib
 
 import numpy as np
 
+from smolvlm_edge.export.graph_order import subgraphs
 from smolvlm_edge.runtime.errors import ExportError
 
 
@@ -93,11 +94,8 @@ def _inline(graph, prefix: str, feeds: dict[str, str], weights: dict[str, str]):
         node.input[:] = [rename(n) for n in node.input]
         node.output[:] = [rename(n) for n in node.output]
         node.name = f"{prefix}{node.name or node.op_type}"
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                rename_graph(attr.g)
-            for sub in attr.graphs:
-                rename_graph(sub)
+        for sub in subgraphs(node):
+            rename_graph(sub)
 
     nodes = []
     for node in graph.node:

@@ -44,6 +44,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from smolvlm_edge.export.graph_order import subgraphs
 from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, FileSwap, open_bundle, replace_manifest, sha256_file
 from smolvlm_edge.runtime.errors import ExportError
 
@@ -121,8 +122,8 @@ def _tensors(graph):
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _tensors(sub)
+        for sub in subgraphs(node):
+            yield from _tensors(sub)
 
 
 def _model_bytes(path: Path) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smolvlm_edge.export.graph_order import toposort
+from smolvlm_edge.export.graph_order import all_nodes, toposort
 from smolvlm_edge.runtime.errors import SmolVLMEdgeError
 
 from . import QuantizeError
@@ -58,15 +58,6 @@ def resolve(options: dict) -> dict:
     return {k: o.check("qdq", k, options.get(k, o.default)) for k, o in OPTIONS.items()}
 
 
-def _all_nodes(graph):
-    """The graph's nodes and those of its subgraphs (the fused vision attention sits in If branches)."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _all_nodes(sub)
-
-
 def quantize_qdq(src: Path, dst: Path, graph: str, options: dict, context: QuantizeContext) -> dict:
     """Write the static QDQ build of the fp32 graph `src` to `dst`; return what was done (for the manifest)."""
     import onnx
@@ -74,7 +65,8 @@ def quantize_qdq(src: Path, dst: Path, graph: str, options: dict, context: Quant
     opts = resolve(options)
     src, dst = Path(src), Path(dst)
     model = onnx.load(src)
-    fused = sorted({n.op_type for n in _all_nodes(model.graph) if n.domain == "com.microsoft"})
+    # Subgraphs too: the fused vision attention sits in If branches.
+    fused = sorted({n.op_type for n in all_nodes(model.graph) if n.domain == "com.microsoft"})
     if fused:  # NPUs take standard ops only; the fused decoder is onnxruntime's contrib ops
         raise QuantizeError(f"recipe qdq needs standard ONNX ops, but {graph} has {', '.join(fused)}: export the "
                             "bundle with `smolvlm-edge export --attention plain` for NPU builds")

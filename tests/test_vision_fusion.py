@@ -22,17 +22,11 @@ from smolvlm_edge.export.vision_fusion import (  # noqa: E402
 
 def _ops(path) -> dict:
     """Node counts by type, subgraphs (the attention's If branches) included."""
-    counts: dict = {}
+    from collections import Counter
 
-    def walk(graph):
-        for node in graph.node:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(sub)
+    from smolvlm_edge.export.graph_order import all_nodes
 
-    walk(onnx.load(str(path), load_external_data=False).graph)
-    return counts
+    return Counter(n.op_type for n in all_nodes(onnx.load(str(path), load_external_data=False).graph))
 
 
 def _vision(bundle):
