@@ -129,15 +129,18 @@ _DYNAMIC = {
 }
 _Q4 = {
     "block_size": Option(32, "weights per scale along K (a power of 2, >= 16)", choices=(16, 32, 64, 128, 256)),
-    "symmetric": Option(None, "no zero points (rtn, gptq; default true); hqq always stores float zero points",
+    "symmetric": Option(None, "no zero points (rtn, gptq; default true); auto, search and hqq always store zero points",
                         choices=(None, True, False)),
     "accuracy_level": Option(4, "MatMulNBits compute type of A for the 4-bit weights: 0 unset, 1 fp32, 2 fp16, 3 "
                              "bf16, 4 int8 (fastest; demo top-1 96.3 % vs 98.8 % at 0, whose kernels are ~25 % "
                              "slower); an 8-bit lm_head always runs at 4 (onnxruntime's only fast 8-bit kernel)",
                              choices=(0, 1, 2, 3, 4)),
-    "algorithm": Option("hqq", "rtn (round to nearest), hqq (half-quadratic, no data), gptq (calibrated: "
-                        "needs calibration prompts for the decoder, images for the vision encoder)",
-                        choices=("rtn", "hqq", "gptq")),
+    "algorithm": Option("auto", "auto (a weight already on a 4-bit grid, as a GGUF Q4_1's, keeps it exactly; "
+                        "every other is searched), search (per-block scale search, integer zero points: "
+                        "HQQ's quality on float weights, onnxruntime's fast int4 kernels), rtn (round to "
+                        "nearest), hqq (half-quadratic, float zero points run as a per-block bias: ~1.3x "
+                        "slower decode), gptq (calibrated: needs calibration prompts for the decoder, images "
+                        "for the vision encoder)", choices=("auto", "search", "rtn", "hqq", "gptq")),
     "embeddings_bits": Option(4, "bits of the embedding table (Gather) and, unless lm_head_bits says otherwise, "
                               "of the lm_head MatMul", choices=(4, 8)),
     "lm_head_bits": Option(8, "bits of the lm_head MatMul (8: MatMulNBits bits=8, symmetric +-127, blocks of 32; "

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from smolvlm_edge.export.graph import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_with_weights, use_ms_domain
 
-from . import QuantizeError
+from . import QuantizeError, int4_grid
 from .recipes import QuantizeContext
 
 # Protobuf cannot serialise 2 GiB; keep a margin for the graph itself.
@@ -247,13 +247,16 @@ def quantize_q4f16(src: Path, dst: Path, graph: str, options: dict, context: Qua
     return {**info, **half, "float16": True}
 
 
+_ZERO_POINT_ALGORITHMS = ("hqq", "search", "auto")
+
+
 def q4_model(model: onnx.ModelProto, graph: str, options: dict, context: QuantizeContext) -> tuple[onnx.ModelProto, dict]:
     """Int4 block weights: every constant MatMul (MatMulNBits) and, in embed_tokens, the table (GatherBlockQuantized)."""
     algorithm, block, level = options["algorithm"], options["block_size"], options["accuracy_level"]
-    if algorithm == "hqq" and options["symmetric"]:
-        raise QuantizeError("q4 with algorithm=hqq stores a float zero point per block (asymmetric); "
+    if algorithm in _ZERO_POINT_ALGORITHMS and options["symmetric"]:
+        raise QuantizeError(f"q4 with algorithm={algorithm} stores a zero point per block (asymmetric); "
                             "drop symmetric=True or choose algorithm=rtn or gptq")
-    symmetric = options["symmetric"] is not False and algorithm != "hqq"
+    symmetric = options["symmetric"] is not False and algorithm not in _ZERO_POINT_ALGORITHMS
     info = {"algorithm": algorithm, "block_size": block, "symmetric": symmetric}
     if graph == "embed_tokens":
         bits = options["embeddings_bits"]
@@ -269,6 +272,8 @@ def q4_model(model: onnx.ModelProto, graph: str, options: dict, context: Quantiz
         from .calibration import calibration_feeds
 
         model = _gptq(model, calibration_feeds(graph, context), block, symmetric, exclude)
+    elif algorithm in ("search", "auto"):
+        info.update(_grid_matmuls(model, block, algorithm, exclude))
     else:
         model = _nbits(model, 4, block, symmetric, level, algorithm, exclude)
     _set_accuracy_level(model, level)
@@ -277,8 +282,8 @@ def q4_model(model: onnx.ModelProto, graph: str, options: dict, context: Quantiz
         _set_accuracy_level(model, _EIGHT_BIT_LEVEL, bits=8)
     info.update(matmuls_quantized=_count(model, "MatMulNBits"), matmuls_float=_const_matmuls(model),
                 lm_head=(None if head is None else "int8 MatMulNBits" if eight_bit_head else f"int4 {algorithm}"))
-    biases = float_zero_points_to_bias(model) if algorithm == "hqq" else []
-    info["hqq_zero_points_as_block_bias"] = len(biases)
+    biases = float_zero_points_to_bias(model) if algorithm in ("hqq", "auto") else []
+    info["float_zero_points_as_block_bias"] = len(biases)
     if options.get("scales") == "float16":
         info["scales_stored_as_float16"] = store_scales_as_float16(model, bits=4, also=biases)
     return model, info
@@ -421,6 +426,38 @@ def _nbits(model, bits: int, block: int, symmetric: bool, level: int, algorithm:
                                          accuracy_level=level or None, nodes_to_exclude=exclude, algo_config=config)
     quantizer.process()
     return quantizer.model.model
+
+
+def _grid_matmuls(model: onnx.ModelProto, block: int, algorithm: str, exclude: list[str]) -> dict:
+    """Constant [K, N] MatMuls -> 4-bit MatMulNBits with int4_grid's grids, in place; returns how many of each.
+
+    algorithm "search": every weight on a searched grid with integer zero points; "auto": a weight that
+    already sits on a min-max 4-bit grid keeps it exactly (float zero points, the block-bias path),
+    every other weight is searched."""
+    inits, skip = _initializers(model), set(exclude)
+    nodes, counts = [], {"weights_searched": 0, "weights_on_exact_grid": 0}
+    for node in model.graph.node:
+        tensor = inits.get(node.input[1]) if node.op_type == "MatMul" and node.name not in skip else None
+        if tensor is None or len(tensor.dims) != 2 or tensor.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(tensor)
+        (k, n), blocks = weight.shape, int4_grid.blocks_of(weight, block)
+        exact = algorithm == "auto" and int4_grid.on_exact_grid(blocks)
+        codes, scales, zeros = (int4_grid.exact_grid if exact else int4_grid.search_grid)(blocks)
+        counts["weights_on_exact_grid" if exact else "weights_searched"] += 1
+        zeros = zeros.astype(weight.dtype).reshape(-1) if exact else int4_grid.pack_nibbles(zeros).reshape(-1)
+        names = [f"{tensor.name}_Q4", f"{tensor.name}_scales", f"{tensor.name}_zero_points"]
+        model.graph.initializer.remove(tensor)
+        model.graph.initializer.extend([numpy_helper.from_array(int4_grid.pack_nibbles(codes), names[0]),
+                                        numpy_helper.from_array(scales.astype(weight.dtype).reshape(-1), names[1]),
+                                        numpy_helper.from_array(zeros, names[2])])
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q4",
+                                      domain="com.microsoft", K=k, N=n, bits=4, block_size=block))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    use_ms_domain(model)
+    return counts
 
 
 def _gptq(model, feeds: list[dict], block: int, symmetric: bool, exclude: list[str]):

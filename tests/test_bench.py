@@ -67,3 +67,59 @@ def test_rounds_merge_into_one_record_per_engine():
     assert merged["peak_rss_mb"] == 310.0 and merged["rounds"] == 3
     failed = {"engine": "ort:q4", "error": "child exited with 1"}
     assert run.merge_rounds([rounds[0], failed]) == failed
+
+
+def test_move_off_grid_keeps_the_tie_and_stays_within_half_a_step(tiny_bundles, tmp_path):
+    """`benchmarks.quality --off-grid`: weights move by at most half a grid step, the table stays the lm_head, the bundle verifies."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.quality import BLOCK, move_off_grid
+    from smolvlm_edge.quantize.weights import lm_head
+    from smolvlm_edge.runtime.bundle import open_bundle, replace_manifest, sha256_file
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles("256m"), bundle)
+    # Tie the tiny table to its lm_head, as SmolVLM's copy is, so the tied path runs.
+    decoder, embed_file = onnx.load(str(bundle / "onnx" / "decoder_model_merged.onnx")), bundle / "onnx" / "embed_tokens.onnx"
+    head_init = next(n for n in decoder.graph.node if n.name == lm_head(decoder)).input[1]
+    head_weight = next(numpy_helper.to_array(t) for t in decoder.graph.initializer if t.name == head_init)
+    embed = onnx.load(str(embed_file))
+    table = next(t for t in embed.graph.initializer if len(t.dims) == 2)
+    table.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(head_weight.T), table.name))
+    onnx.save(embed, str(embed_file))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["onnx/embed_tokens.onnx"] = {"sha256": sha256_file(embed_file), "size": embed_file.stat().st_size}
+    replace_manifest(bundle, manifest)
+
+    def weights(graph):
+        model = onnx.load(str(bundle / "onnx" / f"{graph}.onnx"))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        matmuls = {n.name: inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+        return model, matmuls, next((v for v in inits.values() if v.ndim == 2), None)
+
+    model, before, _ = weights("decoder_model_merged")
+    head = lm_head(model)
+    table_before = weights("embed_tokens")[2]
+    tied = np.array_equal(table_before, before[head].T)
+
+    moved = move_off_grid(bundle)
+
+    _, after, _ = weights("decoder_model_merged")
+    table_after = weights("embed_tokens")[2]
+    layers = [name for name, w in before.items() if name != head and w.ndim == 2 and w.shape[0] % BLOCK == 0]
+    assert layers and moved == {"layer_weights": len(layers), "lm_head": True, "embedding_tied": tied}, moved
+    for name in layers:
+        old = before[name].T.reshape(before[name].shape[1], -1, BLOCK)
+        step = (old.max(-1) - old.min(-1)) / 15
+        change = np.abs(after[name] - before[name]).T.reshape(old.shape)
+        assert change.max() > 0 and (change <= 0.5 * step[..., None] + 1e-6).all(), name
+    assert not np.array_equal(after[head], before[head])
+    assert tied and np.array_equal(table_after, after[head].T)
+    open_bundle(bundle)  # the manifest's sizes and sha256 match the rewritten files, in the same layout
+    assert sorted(p.name for p in (bundle / "onnx").iterdir()) == sorted(p.name for p in (tiny_bundles("256m") / "onnx").iterdir())

@@ -26,7 +26,7 @@ from smolvlm_edge.runtime.errors import BundleError  # noqa: E402
 
 REFERENCE_TEXT = Path(__file__).parents[1] / "quantize" / "data" / "reference_text.txt"
 PROMPTS = ("What is in this image?", "Describe the picture in detail.", REFERENCE_TEXT.read_text()[:400])
-# Everything one bundle can hold side by side (q4 with its default algorithm, hqq).
+# Everything one bundle can hold side by side (q4 with its default algorithm, auto).
 SHARED = ("fp16", "q4f16", "int8", "uint8", "quantized", "q4", "bnb4")
 
 
@@ -133,10 +133,10 @@ def test_recipe_loads_generates_and_meets_thresholds(built, images, precision):
 
 
 @pytest.mark.parametrize("recipe, options", [
-    ("q4", {"algorithm": "rtn"}), ("q4", {"algorithm": "gptq"}),
+    ("q4", {"algorithm": "rtn"}), ("q4", {"algorithm": "gptq"}), ("q4", {"algorithm": "hqq"}),
     ("q4", {"embeddings_bits": 8, "share_embeddings": False}), ("q4", {"lm_head_bits": 4, "share_embeddings": False}),
     ("int8", {"mode": "weight_only"}),
-], ids=["q4-rtn", "q4-gptq", "q4-8bit-embeddings", "q4-4bit-lm-head", "int8-weight-only"])
+], ids=["q4-rtn", "q4-gptq", "q4-hqq", "q4-8bit-embeddings", "q4-4bit-lm-head", "int8-weight-only"])
 def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
     bundle = copy_bundle(tiny_bundles, "256m", tmp_path)
     quantize_bundle(bundle, recipe, options=options, calibration_images=images, calibration_prompts=PROMPTS,
@@ -145,7 +145,7 @@ def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
     decoder = entries["decoder_model_merged"][recipe]
     assert {k: decoder["options"][k] for k in options} == options
     if recipe == "q4":
-        assert decoder["info"]["algorithm"] == options.get("algorithm", "hqq")
+        assert decoder["info"]["algorithm"] == options.get("algorithm", "auto")
         head_bits = options.get("lm_head_bits", 8)
         assert decoder["info"]["lm_head"] == ("int8 MatMulNBits" if head_bits == 8 else f"int4 {decoder['info']['algorithm']}")
         embed_info = entries["embed_tokens"]["q4"]["info"]
@@ -277,7 +277,7 @@ def fresh(tiny_bundles, tmp_path) -> Path:
     (dict(recipe="q3"), "unknown recipe 'q3'; known recipes: fp16, q4f16"),
     (dict(recipe="q4", options={"blocksize": 64}), "unknown option blocksize for recipe q4"),
     (dict(recipe="q4", options={"block_size": 48}), "block_size=48 of recipe q4 must be one of"),
-    (dict(recipe="q4", options={"algorithm": "hqq", "symmetric": True}), "hqq stores a float zero point"),
+    (dict(recipe="q4", options={"algorithm": "hqq", "symmetric": True}), "algorithm=hqq stores a zero point per block"),
     (dict(recipe="q4", graphs={"audio": "int8"}), "unknown graph 'audio'"),
     (dict(recipe="int8", options={"block_size": 64}), "block_size is an option of int8 mode=weight_only"),
     (dict(recipe="q4", graphs={g: "none" for g in GRAPH_NAMES}), "nothing to build"),
@@ -460,6 +460,83 @@ def test_hqq_zero_points_become_a_block_bias_with_the_same_product():
     assert len(node.input) == 3  # no zero points: onnxruntime's fast int4 kernels
     got = ort.InferenceSession(rewritten.SerializeToString()).run(None, a)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _one_matmul(weight: np.ndarray):
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")], "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [2, 3, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 3, n])],
+        [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+def _q4_info_and_output(weight, a, algorithm, block, level=0):
+    """The one-MatMul graph through q4_model: its info and onnxruntime's output."""
+    import onnxruntime as ort
+
+    from smolvlm_edge.quantize import recipes, weights
+
+    options = recipes.get_recipe("q4").resolve_options({"algorithm": algorithm, "block_size": block,
+                                                        "accuracy_level": level, "scales": "float32"})
+    model, info = weights.q4_model(_one_matmul(weight), "decoder_model_merged", options, None)
+    return model, info, ort.InferenceSession(model.SerializeToString()).run(None, {"A": a})[0]
+
+
+def test_searched_int4_grid_runs_as_stored_and_beats_round_to_nearest():
+    """algorithm=search: integer zero points in onnxruntime's layout (9 blocks per column: an odd count, packed
+    two per byte with a pad), the product is the dequantized weight's, and the weight error is below RTN's."""
+    from smolvlm_edge.quantize import int4_grid, weights
+
+    rng = np.random.default_rng(0)
+    k, n, block = 576, 40, 64
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    weight[:, 3] = 0.25  # constant columns and a zero one: no division by a zero range
+    weight[:, 4] = 0.0
+    a = rng.standard_normal((2, 3, k)).astype(np.float32)
+    model, info, got = _q4_info_and_output(weight, a, "search", block)
+    assert info["weights_searched"] == 1 and info["weights_on_exact_grid"] == 0
+    assert info["float_zero_points_as_block_bias"] == 0
+    node = next(x for x in model.graph.node if x.op_type == "MatMulNBits")
+    assert len(node.input) == 4 and weights.quantized_ops(model) == ["MatMulNBits"]
+
+    codes, scales, zeros = int4_grid.search_grid(int4_grid.blocks_of(weight, block))
+    assert zeros.shape == (n, 9)
+    dequantized = ((codes.astype(np.float32) - zeros[..., None]) * scales[..., None]).reshape(n, k).T
+    np.testing.assert_allclose(got, a @ dequantized, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dequantized[:, 3:5], weight[:, 3:5], atol=1e-6)
+
+    rtn_codes, rtn_scales, rtn_zeros = weights.block_quantize(weight.T.copy(), 4, block, symmetric=False)
+    rtn = ((rtn_codes.reshape(n, 9, block) - rtn_zeros[..., None].astype(np.float32)) * rtn_scales[..., None]).reshape(n, k).T
+    assert np.linalg.norm(dequantized - weight) < 0.97 * np.linalg.norm(rtn - weight)  # ~0.955 on these
+
+
+def test_auto_keeps_a_weight_that_sits_on_a_4bit_grid_exactly():
+    """A weight dequantized from Q4_1 (w = d q + m per block of 32) is kept exactly by algorithm=auto (float
+    zero points through the block bias); off the grid, auto searches as algorithm=search does."""
+    rng = np.random.default_rng(1)
+    k, n = 96, 24
+    d = rng.uniform(0.01, 0.05, (k // 32, n)).astype(np.float32)
+    m = rng.uniform(-0.4, -0.1, (k // 32, n)).astype(np.float32)
+    q = rng.integers(0, 16, (k, n))
+    q[0::32], q[1::32] = 0, 15  # every block reaches both ends, as Q4_1's min and max do
+    on_grid = (np.repeat(d, 32, 0) * q + np.repeat(m, 32, 0)).astype(np.float32)
+    a = rng.standard_normal((2, 3, k)).astype(np.float32)
+
+    model, info, got = _q4_info_and_output(on_grid, a, "auto", 32)
+    assert info["weights_on_exact_grid"] == 1 and info["float_zero_points_as_block_bias"] == 1
+    np.testing.assert_allclose(got, a @ on_grid, rtol=1e-4, atol=1e-4)
+
+    off_grid = on_grid + rng.uniform(-0.5, 0.5, on_grid.shape).astype(np.float32) * np.repeat(d, 32, 0)
+    _, info, auto = _q4_info_and_output(off_grid, a, "auto", 32)
+    _, _, search = _q4_info_and_output(off_grid, a, "search", 32)
+    assert info["weights_searched"] == 1 and info["float_zero_points_as_block_bias"] == 0
+    np.testing.assert_array_equal(auto, search)
 
 
 def test_large_builds_keep_their_weights_in_one_data_file(tiny_checkpoints, tmp_path, images, monkeypatch):
