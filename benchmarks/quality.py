@@ -36,10 +36,12 @@ DEFAULT_ROWS = {
     # onnxruntime-genai's builder default: RTN int4 everywhere, the lm_head and table too (benchmark peer genai:int4)
     "q4 (rtn, 4-bit lm_head and table: genai's recipe)": ("q4", {"algorithm": "rtn", "lm_head_bits": 4,
                                                                   "share_embeddings": False}),
-    "q4 (hqq, 4-bit lm_head and table)": ("q4", {"algorithm": "hqq", "lm_head_bits": 4, "share_embeddings": False}),
-    "q4 (hqq)": ("q4", {"algorithm": "hqq"}),
-    "q4 (hqq, accuracy_level 0)": ("q4", {"algorithm": "hqq", "accuracy_level": 0}),
-    "q4 (search)": ("q4", {"algorithm": "search"}),
+    # (the vision graph keeps the preset's RTN in blocks of 128 in every q4 row)
+    "q4 (hqq, 4-bit lm_head and table)": ("q4", {"decoder": {"algorithm": "hqq"}, "lm_head_bits": 4,
+                                                 "share_embeddings": False}),
+    "q4 (hqq)": ("q4", {"decoder": {"algorithm": "hqq"}}),
+    "q4 (hqq, accuracy_level 0)": ("q4", {"decoder": {"algorithm": "hqq"}, "accuracy_level": 0}),
+    "q4 (search)": ("q4", {"decoder": {"algorithm": "search"}}),
     "q4 (auto: the preset)": ("q4", {}),
     "q4f16 (auto)": ("q4f16", {}),
     "q4f16 (auto; vision hqq, blocks of 32)": ("q4f16", {"vision": {"algorithm": "hqq", "block_size": 32}}),
