@@ -2,7 +2,7 @@
 
 A block of `block` weights along K is stored as codes q in 0..15, a scale s and a zero point z:
 w ~ (q - z) s. onnxruntime runs integer zero points in its fast int4 kernels, float ones only through
-the block-bias rewrite of weights.py (~1.3x slower decode on the 256M model). So:
+the block-bias rewrite of weights.py (~1.25x slower decode on the 256M model). So:
 
 - `search_grid`: integer z, with the scale searched per block (15 shrink factors of the min-max range,
   the zero point that centres the block, the scale refit by least squares, the smallest squared error

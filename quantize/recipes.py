@@ -138,7 +138,7 @@ _Q4 = {
     "algorithm": Option("auto", "auto (a weight already on a 4-bit grid, as a GGUF Q4_1's, keeps it exactly; "
                         "every other is searched), search (per-block scale search, integer zero points: "
                         "HQQ's quality on float weights, onnxruntime's fast int4 kernels), rtn (round to "
-                        "nearest), hqq (half-quadratic, float zero points run as a per-block bias: ~1.3x "
+                        "nearest), hqq (half-quadratic, float zero points run as a per-block bias: ~1.25x "
                         "slower decode), gptq (calibrated: needs calibration prompts for the decoder, images "
                         "for the vision encoder)", choices=("auto", "search", "rtn", "hqq", "gptq")),
     "embeddings_bits": Option(4, "bits of the embedding table (Gather) and, unless lm_head_bits says otherwise, "
