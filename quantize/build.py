@@ -212,7 +212,8 @@ def _build(bundle: Bundle, step: Step, context: QuantizeContext, staging: Path, 
     files = sorted(p.name for p in work.iterdir())
     extra = [f for f in files if f != dst.name]
     size = sum((work / f).stat().st_size for f in files)
-    progress(f"{step.graph}: {step.precision} in {seconds:.1f} s, {before / 1e6:.2f} MB -> {size / 1e6:.2f} MB")
+    progress(f"{step.graph}: {step.precision} in {seconds:.1f} s, {before / 1e6:.2f} MB -> {size / 1e6:.2f} MB"
+             + _grid_summary(info))
     entry = {
         "file": f"onnx/{dst.name}",
         "external_data": f"onnx/{extra[0]}" if len(extra) == 1 else (None if not extra else [f"onnx/{f}" for f in extra]),
@@ -228,6 +229,14 @@ def _build(bundle: Bundle, step: Step, context: QuantizeContext, staging: Path, 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return {"graph": step.graph, "precision": step.precision, "work": work, "files": files, "entry": entry}
+
+
+def _grid_summary(info: dict) -> str:
+    """q4 auto/search: how many weights kept the 4-bit grid they sit on and how many were searched."""
+    if "weights_searched" not in info:
+        return ""
+    return (f" ({info['weights_on_exact_grid']} weights kept on their own 4-bit grid, "
+            f"{info['weights_searched']} searched)")
 
 
 # Recipes whose graphs must stay standard ONNX ops (NPUs): the vision attention is not fused for them

@@ -139,13 +139,19 @@ def test_recipe_loads_generates_and_meets_thresholds(built, images, precision):
 ], ids=["q4-rtn", "q4-gptq", "q4-hqq", "q4-8bit-embeddings", "q4-4bit-lm-head", "int8-weight-only"])
 def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
     bundle = copy_bundle(tiny_bundles, "256m", tmp_path)
+    lines = []
     quantize_bundle(bundle, recipe, options=options, calibration_images=images, calibration_prompts=PROMPTS,
-                    progress=lambda line: None)
+                    progress=lines.append)
     entries = json.loads((bundle / "manifest.json").read_text())["graphs"]
     decoder = entries["decoder_model_merged"][recipe]
     assert {k: decoder["options"][k] for k in options} == options
     if recipe == "q4":
         assert decoder["info"]["algorithm"] == options.get("algorithm", "auto")
+        if "algorithm" not in options:  # auto says what it did: random tiny weights sit on no grid
+            searched = decoder["info"]["weights_searched"]
+            assert searched > 0 and decoder["info"]["weights_on_exact_grid"] == 0
+            assert any(line.startswith("decoder_model_merged: q4 in ") and line.endswith(
+                f"(0 weights kept on their own 4-bit grid, {searched} searched)") for line in lines), lines
         head_bits = options.get("lm_head_bits", 8)
         assert decoder["info"]["lm_head"] == ("int8 MatMulNBits" if head_bits == 8 else f"int4 {decoder['info']['algorithm']}")
         embed_info = entries["embed_tokens"]["q4"]["info"]
