@@ -147,8 +147,9 @@ _Q4 = {
                            "4-bit logits lose ~20 points of top-1 on SmolLM2); none: as embeddings_bits",
                            choices=(None, 4, 8)),
     "scales": Option("float16", "how the float32 builds (q4) store int4 scales and HQQ zero points: float16 "
-                     "(+ a Cast onnxruntime folds at load: q4f16's size, float32 compute) or float32; q4f16 is "
-                     "float16 throughout either way", choices=("float16", "float32")),
+                     "(+ a Cast onnxruntime folds at load: q4f16's size, float32 compute; sessions must keep graph "
+                     "optimizations on: onnxruntime 1.32 computes wrong outputs from it under ORT_DISABLE_ALL) "
+                     "or float32; q4f16 is float16 throughout either way", choices=("float16", "float32")),
     "share_embeddings": Option(True, "when the embedding table equals the lm_head (tied or copied), embed_tokens "
                                "reads the decoder's 8-bit lm_head blocks instead of storing its own table "
                                "(the table is stored once: -16 MB on the 256M model; embeddings at 8 bits)",
