@@ -26,17 +26,17 @@ from onnx import numpy_helper
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 PROMPTS = ("Write a short story about a lighthouse keeper.", "Explain why the sky is blue.")
 # name -> (recipe, options): the rows of the table.
+# The q4 rows vary the text decoder only; the vision graph keeps the preset's (searched, blocks of 32).
 DEFAULT_ROWS = {
     "fp16": ("fp16", {}),
     "int8 (dynamic)": ("int8", {}),
     "int8 (weight-only)": ("int8", {"mode": "weight_only"}),
     "int8 (weight-only, accuracy_level 0)": ("int8", {"mode": "weight_only", "accuracy_level": 0}),
-    "q4 (rtn)": ("q4", {"algorithm": "rtn"}),
-    "q4 (rtn, asymmetric)": ("q4", {"algorithm": "rtn", "symmetric": False}),
+    "q4 (rtn)": ("q4", {"decoder": {"algorithm": "rtn"}}),
+    "q4 (rtn, asymmetric)": ("q4", {"decoder": {"algorithm": "rtn", "symmetric": False}}),
     # onnxruntime-genai's builder default: RTN int4 everywhere, the lm_head and table too (benchmark peer genai:int4)
-    "q4 (rtn, 4-bit lm_head and table: genai's recipe)": ("q4", {"algorithm": "rtn", "lm_head_bits": 4,
+    "q4 (rtn, 4-bit lm_head and table: genai's recipe)": ("q4", {"decoder": {"algorithm": "rtn"}, "lm_head_bits": 4,
                                                                   "share_embeddings": False}),
-    # (the vision graph keeps the preset's RTN in blocks of 128 in every q4 row)
     "q4 (hqq, 4-bit lm_head and table)": ("q4", {"decoder": {"algorithm": "hqq"}, "lm_head_bits": 4,
                                                  "share_embeddings": False}),
     "q4 (hqq)": ("q4", {"decoder": {"algorithm": "hqq"}}),

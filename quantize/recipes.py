@@ -156,9 +156,11 @@ _Q4 = {
                                kind=bool),
 }
 
-# The vision tower's weights take blocks of 128 (scales cost 3 % instead of 12 %): on the demo
-# checkpoint that is 51 MB instead of 62 MB for the q4f16 vision graph, at cosine >= 0.99 with fp32.
-_VISION_Q4 = {"vision_encoder": {"algorithm": "rtn", "block_size": 128}}
+# The vision tower is searched in blocks of 32 (int4_grid.search_grid): on the demo checkpoint's
+# SigLIP-B tower, image features at cosine 0.978 with fp32 (59.3 MB), where RTN in blocks of 128 (53.5 MB)
+# gave 0.962 and failed the q4 parity floor (0.97), RTN/32 0.972, HQQ/32 0.977 (63.6 MB), search/64 0.968.
+# It runs ~1.2x slower than RTN/128 (963 vs 785 ms per 512x512 frame, 2 threads), still below fp32's 1111.
+_VISION_Q4 = {"vision_encoder": {"algorithm": "search", "block_size": 32}}
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("fp16", "_fp16", "float16 weights and compute; float32 inputs, outputs and KV cache",
