@@ -435,25 +435,27 @@ def _grid_matmuls(model: onnx.ModelProto, block: int, algorithm: str, exclude: l
     already sits on a min-max 4-bit grid keeps it exactly (float zero points, the block-bias path),
     every other weight is searched."""
     inits, skip = _initializers(model), set(exclude)
-    nodes, counts = [], {"weights_searched": 0, "weights_on_exact_grid": 0}
+    nodes, counts, converted = [], {"weights_searched": 0, "weights_on_exact_grid": 0}, {}
     for node in model.graph.node:
         tensor = inits.get(node.input[1]) if node.op_type == "MatMul" and node.name not in skip else None
         if tensor is None or len(tensor.dims) != 2 or tensor.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
             nodes.append(node)
             continue
-        weight = numpy_helper.to_array(tensor)
-        (k, n), blocks = weight.shape, int4_grid.blocks_of(weight, block)
-        exact = algorithm == "auto" and int4_grid.on_exact_grid(blocks)
-        codes, scales, zeros = (int4_grid.exact_grid if exact else int4_grid.search_grid)(blocks)
-        counts["weights_on_exact_grid" if exact else "weights_searched"] += 1
-        zeros = zeros.astype(weight.dtype).reshape(-1) if exact else int4_grid.pack_nibbles(zeros).reshape(-1)
-        names = [f"{tensor.name}_Q4", f"{tensor.name}_scales", f"{tensor.name}_zero_points"]
-        model.graph.initializer.remove(tensor)
-        model.graph.initializer.extend([numpy_helper.from_array(int4_grid.pack_nibbles(codes), names[0]),
-                                        numpy_helper.from_array(scales.astype(weight.dtype).reshape(-1), names[1]),
-                                        numpy_helper.from_array(zeros, names[2])])
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q4",
-                                      domain="com.microsoft", K=k, N=n, bits=4, block_size=block))
+        k, n = tensor.dims
+        if tensor.name not in converted:  # a weight two MatMuls share is stored once
+            weight = numpy_helper.to_array(tensor)
+            blocks = int4_grid.blocks_of(weight, block)
+            exact = algorithm == "auto" and int4_grid.on_exact_grid(blocks)
+            codes, scales, zeros = (int4_grid.exact_grid if exact else int4_grid.search_grid)(blocks)
+            counts["weights_on_exact_grid" if exact else "weights_searched"] += 1
+            zeros = zeros.astype(weight.dtype).reshape(-1) if exact else int4_grid.pack_nibbles(zeros).reshape(-1)
+            names = converted[tensor.name] = [f"{tensor.name}_Q4", f"{tensor.name}_scales", f"{tensor.name}_zero_points"]
+            model.graph.initializer.remove(tensor)
+            model.graph.initializer.extend([numpy_helper.from_array(int4_grid.pack_nibbles(codes), names[0]),
+                                            numpy_helper.from_array(scales.astype(weight.dtype).reshape(-1), names[1]),
+                                            numpy_helper.from_array(zeros, names[2])])
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *converted[tensor.name]], list(node.output),
+                                      name=f"{node.name}_Q4", domain="com.microsoft", K=k, N=n, bits=4, block_size=block))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     use_ms_domain(model)

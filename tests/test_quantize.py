@@ -522,6 +522,29 @@ def test_searched_int4_grid_runs_as_stored_and_beats_round_to_nearest():
     assert np.linalg.norm(dequantized - weight) < 0.97 * np.linalg.norm(rtn - weight)  # ~0.955 on these
 
 
+def test_a_weight_two_matmuls_share_is_quantized_once():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from smolvlm_edge.quantize import recipes, weights
+
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((64, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y1"], name="mm1"), helper.make_node("MatMul", ["B", "W"], ["Y2"], name="mm2")],
+        "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 64]) for x in "AB"],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 8]) for y in ("Y1", "Y2")],
+        [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    options = recipes.get_recipe("q4").resolve_options({"algorithm": "search", "scales": "float32", "accuracy_level": 0})
+    model, info = weights.q4_model(model, "decoder_model_merged", options, None)
+    assert info["weights_searched"] == 1 and len(model.graph.initializer) == 3
+    a = rng.standard_normal((1, 64)).astype(np.float32)
+    y1, y2 = ort.InferenceSession(model.SerializeToString()).run(None, {"A": a, "B": a})
+    np.testing.assert_array_equal(y1, y2)
+
+
 def test_auto_keeps_a_weight_that_sits_on_a_4bit_grid_exactly():
     """A weight dequantized from Q4_1 (w = d q + m per block of 32) is kept exactly by algorithm=auto (float
     zero points through the block bias); off the grid, auto searches as algorithm=search does."""
