@@ -146,7 +146,7 @@ _Q4 = {
     "lm_head_bits": Option(8, "bits of the lm_head MatMul (8: MatMulNBits bits=8, symmetric +-127, blocks of 32; "
                            "4-bit logits lose ~20 points of top-1 on SmolLM2); none: as embeddings_bits",
                            choices=(None, 4, 8)),
-    "scales": Option("float16", "how the float32 builds (q4) store int4 scales and HQQ zero points: float16 "
+    "scales": Option("float16", "how the float32 builds (q4) store int4 scales and float zero points: float16 "
                      "(+ a Cast onnxruntime folds at load: q4f16's size, float32 compute; sessions must keep graph "
                      "optimizations on: onnxruntime 1.32 computes wrong outputs from it under ORT_DISABLE_ALL) "
                      "or float32; q4f16 is float16 throughout either way", choices=("float16", "float32")),
