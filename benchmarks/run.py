@@ -43,7 +43,7 @@ DEFAULT_PRECISIONS = ("fp32", "q4", "int8", "q4f16", "vision=int8,embed=q4,decod
 TEXT_ONLY_PRECISION = "q4"
 # The build we recommend for time to first token on an x86 CPU with VNNI: int8 vision and int8 weight-only text
 # graphs (quantize --recipe int8 --option embed.mode=weight_only --option decoder.mode=weight_only): its text
-# decoder prefills and decodes faster than q4's here (no HQQ bias path) at 95.2 % vs 96.3 % top-1.
+# decoder prefills and decodes faster than q4's here (no block-bias path) at 95.2 % vs 95.4 % top-1.
 FIRST_TOKEN_PRECISION = "int8"
 COLUMNS = ("vision ms/frame (1 frame)", "vision ms/frame (5 frames)", "TTFT ms", "prefill tok/s",
            "decode tok/s", "peak RSS MB", "size MB")

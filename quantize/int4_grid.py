@@ -9,7 +9,7 @@ the block-bias rewrite of weights.py (~1.25x slower decode on the 256M model). S
   kept). On weights moved off any grid it matches HQQ's quality (benchmarks/quality.py --off-grid).
 - `exact_grid`: min-max with a float zero point, which reproduces a weight that was dequantized from an
   asymmetric 4-bit format (GGUF Q4_1: w = d q + m) exactly, as the demo checkpoint's language layers were;
-  `on_exact_grid` says whether that is so (a searched integer grid would lose it: 96 % -> 71 % top-1).
+  `reproduces` says whether that is so (a searched integer grid would lose it: 96 % -> 71 % top-1).
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def exact_grid(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return codes.astype(np.uint8), step[..., 0], zero[..., 0]
 
 
-def on_exact_grid(blocks: np.ndarray) -> bool:
-    codes, scales, zeros = exact_grid(blocks)
+def reproduces(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> bool:
+    """Whether (codes - zeros) scales gives `blocks` back within ON_GRID_ERROR (the weight sits on that grid)."""
     error = np.linalg.norm((codes - zeros[..., None]) * scales[..., None] - blocks)
     return bool(error <= ON_GRID_ERROR * max(float(np.linalg.norm(blocks)), 1e-30))
 
@@ -84,9 +84,3 @@ def search_grid(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     shape = blocks.shape[:-1]
     return codes.reshape(blocks.shape).astype(np.uint8), scales.reshape(shape), zeros.reshape(shape).astype(np.uint8)
 
-
-def pack_nibbles(values: np.ndarray) -> np.ndarray:
-    """uint8 values < 16 -> two per byte along the last axis (odd length padded with 0), first in the low bits."""
-    if values.shape[-1] % 2:
-        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), np.uint8)], -1)
-    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)

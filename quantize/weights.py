@@ -445,13 +445,14 @@ def _grid_matmuls(model: onnx.ModelProto, block: int, algorithm: str, exclude: l
         if tensor.name not in converted:  # a weight two MatMuls share is stored once
             weight = numpy_helper.to_array(tensor)
             blocks = int4_grid.blocks_of(weight, block)
-            exact = algorithm == "auto" and int4_grid.on_exact_grid(blocks)
-            codes, scales, zeros = (int4_grid.exact_grid if exact else int4_grid.search_grid)(blocks)
+            grid = int4_grid.exact_grid(blocks) if algorithm == "auto" else None
+            exact = grid is not None and int4_grid.reproduces(blocks, *grid)
+            codes, scales, zeros = grid if exact else int4_grid.search_grid(blocks)
             counts["weights_on_exact_grid" if exact else "weights_searched"] += 1
-            zeros = zeros.astype(weight.dtype).reshape(-1) if exact else int4_grid.pack_nibbles(zeros).reshape(-1)
+            zeros = zeros.astype(weight.dtype).reshape(-1) if exact else _pack(zeros, 4).reshape(-1)
             names = converted[tensor.name] = [f"{tensor.name}_Q4", f"{tensor.name}_scales", f"{tensor.name}_zero_points"]
             model.graph.initializer.remove(tensor)
-            model.graph.initializer.extend([numpy_helper.from_array(int4_grid.pack_nibbles(codes), names[0]),
+            model.graph.initializer.extend([numpy_helper.from_array(_pack(codes, 4), names[0]),
                                             numpy_helper.from_array(scales.astype(weight.dtype).reshape(-1), names[1]),
                                             numpy_helper.from_array(zeros, names[2])])
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], *converted[tensor.name]], list(node.output),
@@ -538,10 +539,14 @@ def block_quantize(table: np.ndarray, bits: int, block: int, symmetric: bool) ->
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack along the last axis, low-order bits first (GatherBlockQuantized's uint8 layout)."""
+    """Pack along the last axis, low-order bits first (GatherBlockQuantized's and MatMulNBits' uint8 layout);
+    a count that does not fill the last byte is padded with zeros (MatMulNBits' zero points per column)."""
     if bits == 8:
         return codes
     per = 8 // bits
+    if codes.shape[-1] % per:
+        pad = np.zeros((*codes.shape[:-1], per - codes.shape[-1] % per), codes.dtype)
+        codes = np.concatenate([codes, pad], -1)
     grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).astype(np.uint8)
     return sum((grouped[..., i] << (bits * i)) for i in range(per)).astype(np.uint8)
 
