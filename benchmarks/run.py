@@ -131,7 +131,8 @@ class OrtTextEngine(OrtEngine):
         opened = open_bundle(bundle)
         embed = table_rows_for(opened, precision)  # as SmolVLM does: rows read from the file, when recorded
         if embed is None:
-            session = make_session(opened.graph_file("embed_tokens", precision), ["CPUExecutionProvider"], threads)
+            session = make_session(opened.graph_file("embed_tokens", precision), ["CPUExecutionProvider"], threads,
+                                   hands_over=True)  # as SmolVLM opens it
             embed = lambda ids: session.run(["inputs_embeds"], {"input_ids": ids})[0]  # noqa: E731
         decoder = make_session(opened.graph_file("decoder_model_merged", precision), ["CPUExecutionProvider"], threads)
         self.vlm = SimpleNamespace(decoder=Decoder(decoder, opened.text), text=TextProcessor.from_dir(bundle),

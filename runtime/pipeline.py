@@ -25,6 +25,9 @@ class OrtFormatWarning(UserWarning):
     """prefer_ort=True, but a graph has no ORT-format file recorded: its .onnx is loaded."""
 
 
+# Graphs whose run hands over to the decoder's: their threads stop spinning when a run ends (make_session).
+HANDING_OVER = frozenset({"vision_encoder", "embed_tokens"})
+
 # A prompt is plain text (one user turn, images first) or a whole chat as a list of messages.
 Prompt = Union[str, list]
 
@@ -121,7 +124,7 @@ class SmolVLM:
         if provider.strip().lower() != "qnn":
             choice = choose_provider(provider, threads, options, fallback)
             for name in self._session_graphs():
-                self._sessions[name] = make_session(self.graph_files[name], choice, threads)
+                self._sessions[name] = make_session(self.graph_files[name], choice, threads, hands_over=name in HANDING_OVER)
             return {name: list(choice.providers) for name in GRAPH_NAMES}
         # QNN HTP: statically quantized (qdq) graphs only; the others stay on the CPU.
         fallback = check_fallback(fallback)
@@ -152,7 +155,7 @@ class SmolVLM:
                         raise
                     warnings.warn(f"{exc}; running {name} on the CPU (--fallback {fallback})",
                                   ProviderFallbackWarning, stacklevel=3)
-            self._sessions[name] = make_session(self.graph_files[name], cpu, threads)
+            self._sessions[name] = make_session(self.graph_files[name], cpu, threads, hands_over=name in HANDING_OVER)
         return placed
 
     def _session_graphs(self) -> list[str]:

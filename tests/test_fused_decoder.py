@@ -184,9 +184,19 @@ def test_logits_for_the_last_positions_only(fused):
     np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [4, 0])
+def test_prefill_chunks_take_a_short_tail_along():
+    from smolvlm_edge.runtime.generate import chunk_bounds
+
+    assert chunk_bounds(81, 64) == [(0, 81)]  # 64 + 17 would stream the weights twice
+    assert chunk_bounds(100, 64) == [(0, 64), (64, 100)]
+    assert chunk_bounds(256, 64) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    assert chunk_bounds(270, 64)[-1] == (192, 270)
+    assert chunk_bounds(50, 64) == chunk_bounds(50, 0) == [(0, 50)]
+
+
+@pytest.mark.parametrize("chunk", [4, 3, 0])
 def test_runtime_prefill_in_chunks_matches_pytorch(fused, chunk):
-    """The runtime's Decoder reads a prompt `chunk` positions at a time (9 = 4 + 4 + 1; 0: at once):
+    """The runtime's Decoder reads a prompt `chunk` positions at a time (9 = 4 + 5, 3 + 3 + 3; 0: at once):
     each chunk attends to the cache the chunks before it wrote, so every logit matches PyTorch's."""
     from smolvlm_edge.runtime.generate import Decoder
 

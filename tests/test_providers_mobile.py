@@ -81,6 +81,15 @@ def test_cli_fallback_prints_one_warning_line(capsys, bundle):
     assert code == 2 and err.startswith("error: ") and "CoreMLExecutionProvider" in err and len(err.splitlines()) == 1
 
 
+def test_graphs_that_hand_over_to_the_decoder_stop_spinning_after_a_run(bundle):
+    vlm = SmolVLM(bundle, threads=2)
+    key = "session.force_spinning_stop"
+    assert vlm.vision.get_session_options().get_session_config_entry(key) == "1"
+    assert vlm.embed_session.get_session_options().get_session_config_entry(key) == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # spins between its own steps
+        vlm.decoder.session.get_session_options().get_session_config_entry(key)
+
+
 @pytest.mark.filterwarnings(ORT_DROPS_MISSING_EP)
 def test_xnnpack_options_and_session_settings_reach_onnxruntime(bundle, claim):
     claim("XnnpackExecutionProvider")
