@@ -45,6 +45,8 @@ class Option:
     def check(self, recipe: str, name: str, value):
         if self.choices and value not in self.choices:
             raise QuantizeError(f"option {name}={value!r} of recipe {recipe} must be one of {list(self.choices)}")
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # alpha=1 means 1.0
         if self.kind is not None and value is not None and (
                 not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool))):
             raise QuantizeError(f"option {name}={value!r} of recipe {recipe} must be a {self.kind.__name__}")
@@ -118,7 +120,11 @@ _DYNAMIC = {
     "mode": Option("dynamic", "dynamic: onnxruntime quantize_dynamic (MatMulInteger; activations to uint8 per "
                    "tensor at run time, as transformers.js' files); weight_only: 8-bit block weights "
                    "(MatMulNBits bits=8, GatherBlockQuantized) with float32 activations, far closer to fp32 "
-                   "on models with activation outliers", choices=("dynamic", "weight_only")),
+                   "on models with activation outliers; smooth (decoder only): SmoothQuant W8A8, int8 "
+                   "activations per row through MatMulInteger's integer kernels, calibrated on --calibration-prompts "
+                   "(default: a built-in set), the fastest int8 prefill", choices=("dynamic", "weight_only", "smooth")),
+    "alpha": Option(0.5, "smooth mode: SmoothQuant's migration strength (0: none, 1: all of the activation range "
+                    "into the weights)", kind=float),
     "per_channel": Option(False, "dynamic mode: one scale per output channel instead of per tensor", kind=bool),
     "reduce_range": Option(False, "dynamic mode: 7-bit weights (helps some CPUs without VNNI)", kind=bool),
     "block_size": Option(None, "weight_only mode: weights per scale (default 32)", choices=(None, 16, 32, 64, 128)),

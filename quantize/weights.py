@@ -174,11 +174,14 @@ def quantize_fp16(src: Path, dst: Path, graph: str, options: dict, context: Quan
 # ---------------------------------------------------------------- dynamic int8
 
 
-def _dynamic(src: Path, dst: Path, options: dict, weight_type: str) -> dict:
+def _dynamic(src: Path, dst: Path, options: dict, weight_type: str, graph: str = "",
+             context: QuantizeContext | None = None) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if options["mode"] == "weight_only":
         return _weight_only_8bit(src, dst, options, weight_type)
+    if options["mode"] == "smooth":
+        return _smooth_8bit(src, dst, options, weight_type, graph, context)
     if options["block_size"] is not None:
         raise QuantizeError(f"block_size is an option of {weight_type} mode=weight_only, not of mode=dynamic")
     model = load(src)
@@ -223,8 +226,35 @@ def _weight_only_8bit(src: Path, dst: Path, options: dict, weight_type: str) -> 
             "matmuls_quantized": _count(model, "MatMulNBits"), "gathers_quantized": gathers}
 
 
+def _smooth_8bit(src: Path, dst: Path, options: dict, weight_type: str, graph: str, context) -> dict:
+    """SmoothQuant W8A8 for the decoder (quantize/smooth.py); its lm_head as weight-only 8-bit."""
+    from . import smooth
+    from .calibration import decoder_feeds
+
+    if graph != "decoder_model_merged" or weight_type != "int8":
+        raise QuantizeError(f"mode=smooth quantizes the decoder's activations and needs int8 weights; "
+                            f"got {weight_type} {graph} (use --option decoder.mode=smooth)")
+    if options["block_size"] is not None or options["per_channel"] or options["reduce_range"]:
+        raise QuantizeError("block_size, per_channel and reduce_range are not options of mode=smooth")
+    if not 0 <= options["alpha"] <= 1:
+        raise QuantizeError(f"alpha={options['alpha']!r} of mode=smooth must lie in [0, 1]")
+    model = load(src)
+    head = lm_head(model)
+    nodes = smooth.linears(model, exclude={head} if head else set())
+    prompts = tuple(context.calibration_prompts) if context and context.calibration_prompts else smooth.CALIBRATION_PROMPTS
+    maxima = smooth.activation_maxima(model, nodes, decoder_feeds(context.bundle, prompts))
+    smooth.smooth_linears(model, nodes, maxima, options["alpha"])
+    if head:
+        matmuls_8bit(model, [head], _LM_HEAD_BLOCK)
+        _set_accuracy_level(model, _EIGHT_BIT_LEVEL)
+    save(model, dst)
+    return {"weights": "int8", "mode": "smooth", "alpha": options["alpha"], "matmuls_quantized": len(nodes),
+            "activations": "int8 per row at run time (SmoothQuant scales)", "calibration_prompts": len(prompts),
+            "lm_head": "int8 MatMulNBits" if head else None}
+
+
 def quantize_int8(src: Path, dst: Path, graph: str, options: dict, context: QuantizeContext) -> dict:
-    return _dynamic(src, dst, options, "int8")
+    return _dynamic(src, dst, options, "int8", graph, context)
 
 
 def quantize_uint8(src: Path, dst: Path, graph: str, options: dict, context: QuantizeContext) -> dict:

@@ -292,13 +292,15 @@ def _main(args) -> int:
 
 
 def parse_option(text: str):
-    """NAME=VALUE with VALUE read as an int, a bool, none, or a string."""
+    """NAME=VALUE with VALUE read as an int, a float, a bool, none, or a string."""
     name, sep, raw = text.partition("=")
     if not sep or not name:
         raise SmolVLMEdgeError(f"bad --option {text!r}: use NAME=VALUE, e.g. algorithm=hqq")
     value = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
     if isinstance(value, str) and value.lstrip("-").isdigit():
         value = int(value)
+    elif isinstance(value, str) and value.lstrip("-").replace(".", "", 1).isdigit():
+        value = float(value)
     return name.strip(), value
 
 

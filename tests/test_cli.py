@@ -81,3 +81,13 @@ def test_quantize_refuses_unknown_option(capsys, tiny_bundles, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "colour" in err and "block_size" in err
     assert sorted(p.name for p in (bundle / "onnx").iterdir()) == before
+
+
+def test_option_values_are_read_as_numbers_bools_or_text():
+    from smolvlm_edge.runtime.cli import parse_option
+
+    assert parse_option("decoder.alpha=0.65") == ("decoder.alpha", 0.65)
+    assert parse_option("block_size=64") == ("block_size", 64)
+    assert parse_option("symmetric=false") == ("symmetric", False)
+    assert parse_option("algorithm=hqq") == ("algorithm", "hqq")
+    assert parse_option("mode=1.2.3") == ("mode", "1.2.3")

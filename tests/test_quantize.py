@@ -168,6 +168,35 @@ def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
     assert_passes(parity(bundle, recipe, images), recipe)
 
 
+def test_int8_smooth_decoder_quantizes_activations_per_row(tiny_bundles, tmp_path, images):
+    """SmoothQuant W8A8: every linear but the lm_head runs as MatMulIntegerToFloat on int8 rows, the 1/s of
+    each linear an RMS norm feeds goes into that norm's scale, and the build still meets int8's floors."""
+    import onnx
+
+    from smolvlm_edge.quantize.smooth import CALIBRATION_PROMPTS
+
+    bundle = copy_bundle(tiny_bundles, "256m", tmp_path)
+    quantize_bundle(bundle, "int8", options={"decoder": {"mode": "smooth"}, "embed": {"mode": "weight_only"}},
+                    progress=lambda line: None)
+    entries = json.loads((bundle / "manifest.json").read_text())["graphs"]
+    info = entries["decoder_model_merged"]["int8"]["info"]
+    fp32 = onnx.load(str(bundle / entries["decoder_model_merged"]["fp32"]["file"]), load_external_data=False)
+    constants = {t.name for t in fp32.graph.initializer}
+    linears = sum(n.op_type == "MatMul" and n.input[1] in constants for n in fp32.graph.node) - 1  # less the lm_head
+    assert info["mode"] == "smooth" and info["matmuls_quantized"] == linears
+    assert info["calibration_prompts"] == len(CALIBRATION_PROMPTS) and info["lm_head"] == "int8 MatMulNBits"
+    built_ = onnx.load(str(bundle / entries["decoder_model_merged"]["int8"]["file"]), load_external_data=False)
+    ops = [n.op_type for n in built_.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == linears and ops.count("MatMulNBits") == 1
+    assert not [n for n in built_.graph.node if n.op_type == "MatMul" and n.input[1] in
+                {t.name for t in built_.graph.initializer}]
+    # qkv and gate_up read a norm's output (1/s folded into its scale); o_proj and down_proj keep a Mul
+    smoothing = [n for n in built_.graph.node if n.name.endswith("_smooth")]
+    assert len(smoothing) == linears // 2 and all("o_proj" in n.name or "down_proj" in n.name for n in smoothing)
+    generates(bundle, "int8", images[0])
+    assert_passes(parity(bundle, "int8", images), "int8")
+
+
 def test_q4_on_the_2b_shape(tiny_bundles, tmp_path, images):
     bundle = copy_bundle(tiny_bundles, "2b", tmp_path)
     quantize_bundle(bundle, "q4", progress=lambda line: None)
@@ -286,6 +315,9 @@ def fresh(tiny_bundles, tmp_path) -> Path:
     (dict(recipe="q4", options={"algorithm": "hqq", "symmetric": True}), "algorithm=hqq stores a zero point per block"),
     (dict(recipe="q4", graphs={"audio": "int8"}), "unknown graph 'audio'"),
     (dict(recipe="int8", options={"block_size": 64}), "block_size is an option of int8 mode=weight_only"),
+    (dict(recipe="int8", options={"mode": "smooth"}), "mode=smooth quantizes the decoder's activations"),
+    (dict(recipe="int8", graphs={"vision": "none", "embed": "none"}, options={"mode": "smooth", "alpha": 1.5}),
+     "alpha=1.5 of mode=smooth must lie in [0, 1]"),
     (dict(recipe="q4", graphs={g: "none" for g in GRAPH_NAMES}), "nothing to build"),
     (dict(recipe="q4", options={"algorithm": "gptq"}, calibration_prompts=["hi"]), "needs calibration images"),
     (dict(recipe="q4", graphs={"vision": "none"}, options={"algorithm": "gptq"}, calibration_prompts=["hi", " "]),
