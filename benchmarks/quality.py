@@ -32,6 +32,8 @@ DEFAULT_ROWS = {
     "int8 (dynamic)": ("int8", {}),
     "int8 (weight-only)": ("int8", {"mode": "weight_only"}),
     "int8 (weight-only, accuracy_level 0)": ("int8", {"mode": "weight_only", "accuracy_level": 0}),
+    # the recommended first-token build's text graphs: SmoothQuant W8A8 decoder, weight-only table
+    "int8 (smooth decoder: W8A8)": ("int8", {"mode": "weight_only", "decoder": {"mode": "smooth"}}),
     "q4 (rtn)": ("q4", {"decoder": {"algorithm": "rtn"}}),
     "q4 (rtn, asymmetric)": ("q4", {"decoder": {"algorithm": "rtn", "symmetric": False}}),
     # onnxruntime-genai's builder default: RTN int4 everywhere, the lm_head and table too (benchmark peer genai:int4)
@@ -47,7 +49,7 @@ DEFAULT_ROWS = {
     "q4f16 (auto; vision hqq, blocks of 32)": ("q4f16", {"vision": {"algorithm": "hqq", "block_size": 32}}),
 }
 # --off-grid: the rows that differ in how they quantize the text weights.
-OFF_GRID_ROWS = ("int8 (weight-only)", "q4 (rtn)", "q4 (rtn, asymmetric)", "q4 (rtn, 4-bit lm_head and table: genai's recipe)",
+OFF_GRID_ROWS = ("int8 (weight-only)", "int8 (smooth decoder: W8A8)", "q4 (rtn)", "q4 (rtn, asymmetric)", "q4 (rtn, 4-bit lm_head and table: genai's recipe)",
                  "q4 (hqq, 4-bit lm_head and table)", "q4 (hqq)", "q4 (search)", "q4 (auto: the preset)")
 BLOCK = 32  # GGUF's Q4_1 and Q8_0 block
 

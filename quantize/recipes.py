@@ -123,8 +123,9 @@ _DYNAMIC = {
                    "on models with activation outliers; smooth (decoder only): SmoothQuant W8A8, int8 "
                    "activations per row through MatMulInteger's integer kernels, calibrated on --calibration-prompts "
                    "(default: a built-in set), the fastest int8 prefill", choices=("dynamic", "weight_only", "smooth")),
-    "alpha": Option(0.5, "smooth mode: SmoothQuant's migration strength (0: none, 1: all of the activation range "
-                    "into the weights)", kind=float),
+    "alpha": Option(None, "smooth mode: SmoothQuant's migration strength (0: none, 1: all of the activation range "
+                    "into the weights); none: per linear, the one of 0.3-0.8 whose int8 output is closest to float "
+                    "on the calibration prompts (demo top-1 95.0 %, 0.5 everywhere 91.3 %)", kind=float),
     "per_channel": Option(False, "dynamic mode: one scale per output channel instead of per tensor", kind=bool),
     "reduce_range": Option(False, "dynamic mode: 7-bit weights (helps some CPUs without VNNI)", kind=bool),
     "block_size": Option(None, "weight_only mode: weights per scale (default 32)", choices=(None, 16, 32, 64, 128)),

@@ -236,19 +236,21 @@ def _smooth_8bit(src: Path, dst: Path, options: dict, weight_type: str, graph: s
                             f"got {weight_type} {graph} (use --option decoder.mode=smooth)")
     if options["block_size"] is not None or options["per_channel"] or options["reduce_range"]:
         raise QuantizeError("block_size, per_channel and reduce_range are not options of mode=smooth")
-    if not 0 <= options["alpha"] <= 1:
+    if options["alpha"] is not None and not 0 <= options["alpha"] <= 1:
         raise QuantizeError(f"alpha={options['alpha']!r} of mode=smooth must lie in [0, 1]")
     model = load(src)
     head = lm_head(model)
     nodes = smooth.linears(model, exclude={head} if head else set())
     prompts = tuple(context.calibration_prompts) if context and context.calibration_prompts else smooth.CALIBRATION_PROMPTS
-    maxima = smooth.activation_maxima(model, nodes, decoder_feeds(context.bundle, prompts))
-    smooth.smooth_linears(model, nodes, maxima, options["alpha"])
+    rows = smooth.calibration_rows(model, nodes, decoder_feeds(context.bundle, prompts))
+    alphas = smooth.smooth_linears(model, nodes, rows, options["alpha"])
     if head:
         matmuls_8bit(model, [head], _LM_HEAD_BLOCK)
         _set_accuracy_level(model, _EIGHT_BIT_LEVEL)
     save(model, dst)
-    return {"weights": "int8", "mode": "smooth", "alpha": options["alpha"], "matmuls_quantized": len(nodes),
+    return {"weights": "int8", "mode": "smooth", "alpha": options["alpha"] if options["alpha"] is not None else "auto",
+            "alphas_chosen": {str(a): list(alphas.values()).count(a) for a in sorted(set(alphas.values()))},
+            "matmuls_quantized": len(nodes),
             "activations": "int8 per row at run time (SmoothQuant scales)", "calibration_prompts": len(prompts),
             "lm_head": "int8 MatMulNBits" if head else None}
 

@@ -183,7 +183,8 @@ def test_int8_smooth_decoder_quantizes_activations_per_row(tiny_bundles, tmp_pat
     fp32 = onnx.load(str(bundle / entries["decoder_model_merged"]["fp32"]["file"]), load_external_data=False)
     constants = {t.name for t in fp32.graph.initializer}
     linears = sum(n.op_type == "MatMul" and n.input[1] in constants for n in fp32.graph.node) - 1  # less the lm_head
-    assert info["mode"] == "smooth" and info["matmuls_quantized"] == linears
+    assert info["mode"] == "smooth" and info["matmuls_quantized"] == linears and info["alpha"] == "auto"
+    assert sum(info["alphas_chosen"].values()) == linears
     assert info["calibration_prompts"] == len(CALIBRATION_PROMPTS) and info["lm_head"] == "int8 MatMulNBits"
     built_ = onnx.load(str(bundle / entries["decoder_model_merged"]["int8"]["file"]), load_external_data=False)
     ops = [n.op_type for n in built_.graph.node]
