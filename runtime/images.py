@@ -28,7 +28,7 @@ MAX_IMAGE_PIXELS = 89_478_485
 _MAX_RESIZED_SIDE = 4096
 
 
-# Resizes touching at least this many pixels (input + output) run one Pillow call per colour band, two at a time.
+# Resizes touching at least this many pixels (input + first output) run each colour band in a thread of its own.
 _BANDS_IN_THREADS_PIXELS = 1_000_000
 
 
@@ -116,28 +116,41 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_bands(image: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:
-    """`image.resize(size, resample)`, the same pixels, sooner for big images: Pillow resamples each band of
-    an 8-bit image with the same coefficients and integer arithmetic, independently of the others, and
-    releases the GIL meanwhile, so R, G and B resize in two threads (SmolVLM's 512 -> 2048 -> 512 frame:
-    98 -> 84 ms on two cores). Small images and other modes resize in one call."""
-    pixels = image.width * image.height + size[0] * size[1]
+    """`image.resize(size, resample)`, the same pixels, sooner for big images (resize_chain)."""
+    return resize_chain(image, [size], resample)
+
+
+def resize_chain(image: Image.Image, sizes: list[tuple[int, int]], resample: int) -> Image.Image:
+    """`image.resize(sizes[0], resample).resize(sizes[1], resample)...`, the same pixels, sooner for big
+    images: Pillow resamples each band of an 8-bit image with the same coefficients and integer arithmetic,
+    independently of the others, and releases the GIL meanwhile, so R, G and B each go through the whole
+    chain in a thread of their own (SmolVLM's 512 -> 2048 -> 512 frame: 71 -> ~50 ms on two cores, where
+    one resize at a time in bands gained nothing). Small images and other modes resize in one call each."""
+    pixels = image.width * image.height + sizes[0][0] * sizes[0][1]
     if image.mode != "RGB" or pixels < _BANDS_IN_THREADS_PIXELS:
-        return image.resize(size, resample=resample)
-    bands = _band_pool().map(lambda band: band.resize(size, resample=resample), image.split())
-    return Image.merge("RGB", list(bands))
+        for size in sizes:
+            image = image.resize(size, resample=resample)
+        return image
+
+    def through_chain(band: Image.Image) -> Image.Image:
+        for size in sizes:
+            band = band.resize(size, resample=resample)
+        return band
+
+    return Image.merge("RGB", list(_band_pool().map(through_chain, image.split())))
 
 
 _POOL: tuple | None = None  # (pid that made it, executor)
 
 
 def _band_pool():
-    """Two worker threads, made on first use (only Pillow's resampling, which holds no GIL, runs in them), and
+    """Three worker threads (one per band), made on first use (only Pillow's resampling, which holds no GIL, runs in them), and
     made again in a forked child, where the parent's threads do not exist (its executor would wait forever)."""
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="smolvlm-resize"))
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=3, thread_name_prefix="smolvlm-resize"))
     return _POOL[1]
 
 
@@ -305,12 +318,16 @@ class ImageProcessor:
         """Resized RGB frames of one image: row-major tiles then the global image, or one frame."""
         image = self._rgb(image)
         tile = self.config.tile_size
+        sizes = []  # (width, height) of each resize, run as one chain per band (resize_chain)
+        height, width = image.height, image.width
         if self.config.do_resize:
-            image = self._resize(image, *fit_longest_edge(image.height, image.width, self.config.longest_edge))
+            height, width = fit_longest_edge(height, width, self.config.longest_edge)
+            sizes.append((width, height))
         if not split:
             # The reference squashes the whole image to a square frame (aspect not kept).
-            return [self._resize(image, tile, tile)], 0, 0
-        image = self._resize(image, *tile_multiple(image.height, image.width, tile))
+            return [resize_chain(image, sizes + [(tile, tile)], self._resample)], 0, 0
+        height, width = tile_multiple(height, width, tile)
+        image = resize_chain(image, sizes + [(width, height)], self._resample)
         if image.height <= tile and image.width <= tile:
             return [image], 0, 0
         n_rows = (image.height - tile) // tile + 1

@@ -348,6 +348,19 @@ def test_resizing_bands_in_threads_gives_pillows_pixels(src, size):
         np.testing.assert_array_equal(np.asarray(rt.resize_bands(image, size, resample)), want)
 
 
+@pytest.mark.parametrize("src,sizes", [((512, 512), [(2048, 2048), (512, 512)]),
+                                       ((640, 480), [(2048, 1536), (2048, 1536), (512, 512)]),
+                                       ((1999, 1001), [(1456, 729), (1820, 1092)])])
+def test_a_chain_of_resizes_in_band_threads_gives_pillows_pixels(src, sizes):
+    """resize_chain (each band through every resize in its own thread) equals one RGB resize after another."""
+    image = _picture(*src, seed=src[1])
+    for resample in (Image.Resampling.LANCZOS, Image.Resampling.BICUBIC):
+        want = image
+        for size in sizes:
+            want = want.resize(size, resample=resample)
+        np.testing.assert_array_equal(np.asarray(rt.resize_chain(image, sizes, resample)), np.asarray(want))
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
 def test_band_threads_work_in_a_forked_child():
     """A child forked after the parent used the band threads makes its own (the parent's are not there)."""
