@@ -124,7 +124,7 @@ def resize_chain(image: Image.Image, sizes: list[tuple[int, int]], resample: int
     """`image.resize(sizes[0], resample).resize(sizes[1], resample)...`, the same pixels, sooner for big
     images: Pillow resamples each band of an 8-bit image with the same coefficients and integer arithmetic,
     independently of the others, and releases the GIL meanwhile, so R, G and B each go through the whole
-    chain in a thread of their own (SmolVLM's 512 -> 2048 -> 512 frame: 71 -> ~50 ms on two cores, where
+    chain in a thread of their own (SmolVLM's 512 -> 2048 -> 512 frame: 68 -> 52 ms on two cores, where
     one resize at a time in bands gained nothing). Small images and other modes resize in one call each."""
     pixels = image.width * image.height + sizes[0][0] * sizes[0][1]
     if image.mode != "RGB" or pixels < _BANDS_IN_THREADS_PIXELS:
