@@ -241,7 +241,7 @@ def _smooth_8bit(src: Path, dst: Path, options: dict, weight_type: str, graph: s
     model = load(src)
     head = lm_head(model)
     nodes = smooth.linears(model, exclude={head} if head else set())
-    prompts = tuple(context.calibration_prompts) if context and context.calibration_prompts else smooth.CALIBRATION_PROMPTS
+    prompts = tuple(context.calibration_prompts) or smooth.CALIBRATION_PROMPTS
     rows = smooth.calibration_rows(model, nodes, decoder_feeds(context.bundle, prompts))
     alphas = smooth.smooth_linears(model, nodes, rows, options["alpha"])
     if head:
