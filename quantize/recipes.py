@@ -121,7 +121,7 @@ _DYNAMIC = {
                    "tensor at run time, as transformers.js' files); weight_only: 8-bit block weights "
                    "(MatMulNBits bits=8, GatherBlockQuantized) with float32 activations, far closer to fp32 "
                    "on models with activation outliers; smooth (decoder only): SmoothQuant W8A8, int8 "
-                   "activations per row through MatMulInteger's integer kernels, calibrated on --calibration-prompts "
+                   "activations per row through MatMulIntegerToFloat's integer kernels, calibrated on --calibration-prompts "
                    "(default: a built-in set), the fastest int8 prefill", choices=("dynamic", "weight_only", "smooth")),
     "alpha": Option(None, "smooth mode: SmoothQuant's migration strength (0: none, 1: all of the activation range "
                     "into the weights); none: per linear, the one of 0.3-0.8 whose int8 output is closest to float "
