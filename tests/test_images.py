@@ -339,7 +339,7 @@ def test_runtime_module_imports_neither_torch_nor_transformers():
 @pytest.mark.parametrize("src,size", [((512, 512), (2048, 2048)), ((2048, 2048), (512, 512)), ((640, 480), (2048, 1536)),
                                       ((1999, 1001), (777, 1333)), ((3000, 400), (2048, 273))])
 def test_resizing_bands_in_threads_gives_pillows_pixels(src, size):
-    """resize_bands (one Pillow call per band, in two threads) equals one RGB resize bit for bit, up and down,
+    """resize_bands (one Pillow call per band, each in a thread) equals one RGB resize bit for bit, up and down,
     with scales that are not powers of two, for each filter the configs use."""
     image = _picture(*src, seed=src[0])
     assert src[0] * src[1] + size[0] * size[1] >= rt._BANDS_IN_THREADS_PIXELS  # the threaded path runs
