@@ -85,3 +85,22 @@ def decoder_feeds(bundle: Path, prompts, max_tokens: int = MAX_PROMPT_TOKENS) ->
             feed[t["name"]] = np.zeros((1, int(t["shape"][1]), 0, int(t["shape"][3])), dtype=np.float32)
         feeds.append(feed)
     return feeds
+
+
+def probe_values(model, names: list[str], feeds: list[dict]):
+    """Yield, per feed, the values of the float graph's tensors `names` (run as extra outputs of one session;
+    the model is not copied, a decoder is large, and gets its outputs back before the first value)."""
+    import onnx
+    import onnxruntime as ort
+
+    outputs = len(model.graph.output)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    finally:
+        del model.graph.output[outputs:]
+    wanted = {i.name for i in session.get_inputs()}
+    for feed in feeds:
+        yield session.run(names, {k: v for k, v in feed.items() if k in wanted})

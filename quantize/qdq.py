@@ -334,27 +334,16 @@ def scale_rms_inputs(model, feeds: list[dict]) -> list[str]:
     1/sqrt(mean((k x)^2) + k^2 eps) * k = 1/sqrt(mean(x^2) + eps), exactly in float32 (k is a power of
     two), and nothing overflows. The Mul by k before the Pow and the Mul by k after the Reciprocal stay float.
     """
-    import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
+
+    from .calibration import probe_values
 
     chains = _rms_chains(model)
     if not chains:
         return []
-    # The norms' inputs as extra outputs for one session (the model is not copied: a decoder is large).
     probed = [pow_node.input[0] for pow_node, *_ in chains]
-    outputs = len(model.graph.output)
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in probed)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    finally:
-        del model.graph.output[outputs:]
-    wanted = {i.name for i in session.get_inputs()}
     peaks = np.zeros(len(chains))
-    for feed in feeds:
-        values = session.run(probed, {k: v for k, v in feed.items() if k in wanted})
+    for values in probe_values(model, probed, feeds):
         peaks = np.maximum(peaks, [float(np.abs(v).max()) for v in values])
     inits = {t.name: t for t in model.graph.initializer}
     added = []

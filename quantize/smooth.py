@@ -39,30 +39,13 @@ CALIBRATION_PROMPTS = (
 _ROW_FLOOR = 1e-30  # a row of zeros gets this scale instead of a division by zero
 
 
-def linears(model: onnx.ModelProto, exclude: set[str]) -> list[onnx.NodeProto]:
-    """MatMul nodes with a constant 2-D weight, in graph order, less `exclude` (node names)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    return [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in exclude
-            and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
-
-
 def calibration_rows(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: list[dict]) -> dict[str, np.ndarray]:
     """Each linear's input over the calibration feeds (float graph), as rows [positions, K]."""
-    import onnxruntime as ort
+    from .calibration import probe_values
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
     inputs = sorted({n.input[0] for n in nodes})
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-                              for name in inputs if name not in known)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
     rows: dict[str, list[np.ndarray]] = {name: [] for name in inputs}
-    for feed in feeds:
-        values = session.run(inputs, {k: v for k, v in feed.items() if k in wanted})
+    for values in probe_values(model, inputs, feeds):
         for name, value in zip(inputs, values):
             rows[name].append(value.reshape(-1, value.shape[-1]))
     return {name: np.concatenate(parts) for name, parts in rows.items()}

@@ -240,7 +240,8 @@ def _smooth_8bit(src: Path, dst: Path, options: dict, weight_type: str, graph: s
         raise QuantizeError(f"alpha={options['alpha']!r} of mode=smooth must lie in [0, 1]")
     model = load(src)
     head = lm_head(model)
-    nodes = smooth.linears(model, exclude={head} if head else set())
+    linears = set(_const_matmul_names(model)) - {head}
+    nodes = [n for n in model.graph.node if n.name in linears]
     prompts = tuple(context.calibration_prompts) or smooth.CALIBRATION_PROMPTS
     rows = smooth.calibration_rows(model, nodes, decoder_feeds(context.bundle, prompts))
     alphas = smooth.smooth_linears(model, nodes, rows, options["alpha"])
@@ -427,9 +428,7 @@ def matmuls_8bit(model: onnx.ModelProto, names: list[str], block: int) -> int:
         tensor = inits[node.input[1]]
         weight = numpy_helper.to_array(tensor)
         k, n = weight.shape
-        padded = np.zeros((n, -(-k // block) * block), dtype=np.float32)
-        padded[:, :k] = weight.T
-        codes, scales, _ = block_quantize(padded, 8, block, symmetric=True)
+        codes, scales, _ = block_quantize(int4_grid.blocks_of(weight, block).reshape(n, -1), 8, block, symmetric=True)
         codes = codes.reshape(n, -1, block)
         b_name, s_name = f"{tensor.name}_Q8", f"{tensor.name}_scales"
         model.graph.initializer.remove(tensor)
