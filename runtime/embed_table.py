@@ -37,7 +37,10 @@ class TableRows:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
             raise ValueError(f"token id out of range [0, {self.vocab}): {int(ids.min())}..{int(ids.max())}")
-        unique, where = np.unique(ids, return_inverse=True)
+        if ids.size == 1:  # a decode step: np.unique would cost more than the two reads (~70 us)
+            unique, where = ids.reshape(1), np.zeros(ids.shape, dtype=np.int64)
+        else:
+            unique, where = np.unique(ids, return_inverse=True)
         codes = np.empty((len(unique), self.hidden), dtype=np.uint8)
         scales = np.empty((len(unique), self.hidden // self.block), dtype=self.scales_dtype)
         for i, token in enumerate(unique.tolist()):

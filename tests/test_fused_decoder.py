@@ -216,3 +216,24 @@ def test_runtime_prefill_in_chunks_matches_pytorch(fused, chunk):
     embeds, mask, positions, ref_logits, _ = reference_steps(fused.model, 1, seed=2)[0]
     last, _ = runner(embeds, mask, positions, runner.empty_cache(1, capacity=PREFILL), last_only=True)
     check(last, ref_logits[:, -1:], f"chunk {chunk}, last position only")
+
+
+def test_runtime_decode_steps_keep_their_logits(fused):
+    """Last-position logits of decode steps land in one bound buffer per row (no per-step output): each step
+    still matches PyTorch, and an earlier step's logits are not overwritten by the next, also across a
+    cache that outgrows its capacity (rebound buffers)."""
+    from smolvlm_edge.runtime.generate import Decoder
+
+    text = {"num_layers": fused.text.num_hidden_layers, "past_key_name": "past_key_values.%d.key",
+            "past_value_name": "past_key_values.%d.value", "present_key_name": "present.%d.key",
+            "present_value_name": "present.%d.value", "attention": "fused", "max_position_embeddings": MAX_LENGTH}
+    runner = Decoder(fused.session, text)
+    cache = runner.empty_cache(1, capacity=PREFILL)  # the first decode step grows it
+    kept = []
+    for step, (embeds, mask, positions, ref_logits, _) in enumerate(reference_steps(fused.model, 1, seed=3)):
+        logits, cache = runner(embeds, mask, positions, cache, last_only=True)
+        check(logits, ref_logits[:, -1:], f"step {step}, last position")
+        kept.append((logits, logits.copy(), ref_logits[:, -1:]))
+    assert cache.bound_to_last == [True]  # the decode steps wrote into the row's buffer
+    for step, (logits, copy, ref) in enumerate(kept):
+        np.testing.assert_array_equal(logits, copy, err_msg=f"step {step}'s logits changed by a later step")
