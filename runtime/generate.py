@@ -78,34 +78,49 @@ def chunk_bounds(steps: int, chunk: int) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [steps]))
 
 
+def cache_device(session: ort.InferenceSession) -> tuple[str, int]:
+    """Where a fused decoder's cache buffers live: on the GPU when CUDA runs the graph, so no step copies
+    the cache between host and device (only the new embeddings in and the last logits out); else in host memory."""
+    if session.get_providers()[0] == "CUDAExecutionProvider":
+        options = session.get_provider_options().get("CUDAExecutionProvider", {})
+        return "cuda", int(options.get("device_id", 0))
+    return "cpu", 0
+
+
 class InPlaceCache:
-    """Per row: key/value buffers [1, kv_heads, capacity, head_dim] bound as both past and present."""
+    """Per row: key/value buffers [1, kv_heads, capacity, head_dim] bound as both past and present,
+    allocated on the session's device (`cache_device`)."""
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
         self.decoder = decoder
+        self.device = cache_device(decoder.session)
         self.lengths = [0] * batch  # valid positions per row
-        self.arrays = [self._zeros(max(capacity, 1)) for _ in range(batch)]
-        self.values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in row] for row in self.arrays]
+        self.capacities = [max(capacity, 1)] * batch
+        self.values = [self._buffers(c) for c in self.capacities]
         self.bindings: list = [None] * batch  # per row, made once: rebinding 2 x layers buffers every step costs
-        # Last-position logits [1, 1, V] land in one buffer per row, bound once: a freshly allocated output
+        # Last-position logits [1, 1, V] land in one host buffer per row, bound once: a freshly allocated output
         # would need get_outputs(), which wraps every present tensor too (~0.2 ms per decode step, measured).
         self.last_logits: list = [None] * batch
         self.bound_to_last: list[bool] = [False] * batch
 
-    def _zeros(self, capacity: int) -> list[np.ndarray]:
+    def _buffers(self, capacity: int, keep: list | None = None, length: int = 0) -> list:
+        """Zeroed buffers on the cache's device; `keep`'s first `length` positions copied in (growing)."""
         shape = (1, self.decoder.kv_heads, capacity, self.decoder.head_dim)
-        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * len(self.decoder.past_names))]
+        buffers = []
+        for i in range(2 * len(self.decoder.past_names)):
+            host = np.zeros(shape, dtype=np.float32)
+            if keep is not None:
+                host[:, :, :length] = keep[i].numpy()[:, :, :length]
+            buffers.append(ort.OrtValue.ortvalue_from_numpy(host, *self.device))  # on the CPU: this very array
+        return buffers
 
     def _grow(self, row: int, needed: int) -> None:
         """Rare: a caller went past the capacity it asked for. Copy once into buffers twice as long."""
-        capacity = max(needed, 2 * self.arrays[row][0].shape[2])
         if needed > self.decoder.max_length:
             raise PromptError(f"the sequence needs {needed} positions; the model has {self.decoder.max_length}")
-        bigger = self._zeros(min(capacity, self.decoder.max_length))
-        for new, old in zip(bigger, self.arrays[row]):
-            new[:, :, :self.lengths[row]] = old[:, :, :self.lengths[row]]
-        self.arrays[row] = bigger
-        self.values[row] = [ort.OrtValue.ortvalue_from_numpy(a) for a in bigger]
+        capacity = min(max(needed, 2 * self.capacities[row]), self.decoder.max_length)
+        self.values[row] = self._buffers(capacity, self.values[row], self.lengths[row])
+        self.capacities[row] = capacity
         self.bindings[row] = None
         self.bound_to_last[row] = False
 
@@ -135,7 +150,7 @@ class InPlaceCache:
     def _run_chunk(self, row: int, embeds: np.ndarray, last_only: bool) -> np.ndarray:
         decoder, steps = self.decoder, embeds.shape[1]
         total = self.lengths[row] + steps
-        if total > self.arrays[row][0].shape[2]:
+        if total > self.capacities[row]:
             self._grow(row, total)
         binding = self.bindings[row] or self._binding(row)
         into_buffer = last_only and decoder.takes_keep and self.last_logits[row] is not None

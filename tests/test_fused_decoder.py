@@ -237,3 +237,29 @@ def test_runtime_decode_steps_keep_their_logits(fused):
     assert cache.bound_to_last == [True]  # the decode steps wrote into the row's buffer
     for step, (logits, copy, ref) in enumerate(kept):
         np.testing.assert_array_equal(logits, copy, err_msg=f"step {step}'s logits changed by a later step")
+
+
+def test_the_cache_lives_on_the_sessions_device_and_stays_put(fused):
+    """CUDA sessions get their cache buffers on the GPU (no host copy of the cache per step), CPU ones in host
+    memory; decode steps write into the same buffers (same addresses) until the cache has to grow."""
+    from types import SimpleNamespace
+
+    from smolvlm_edge.runtime.generate import Decoder, cache_device
+
+    gpu = SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                          get_provider_options=lambda: {"CUDAExecutionProvider": {"device_id": "1"}})
+    assert cache_device(gpu) == ("cuda", 1)
+    assert cache_device(fused.session) == ("cpu", 0)
+    text = {"num_layers": fused.text.num_hidden_layers, "past_key_name": "past_key_values.%d.key",
+            "past_value_name": "past_key_values.%d.value", "present_key_name": "present.%d.key",
+            "present_value_name": "present.%d.value", "attention": "fused", "max_position_embeddings": MAX_LENGTH}
+    runner = Decoder(fused.session, text)
+    cache = runner.empty_cache(1, capacity=PREFILL + DECODE_STEPS)
+    addresses = [v.data_ptr() for v in cache.values[0]]
+    assert {v.device_name() for v in cache.values[0]} == {"cpu"}
+    for embeds, mask, positions, _, ref_present in reference_steps(fused.model, 1, seed=4):
+        runner(embeds, mask, positions, cache, last_only=True)
+    assert [v.data_ptr() for v in cache.values[0]] == addresses
+    total = PREFILL + DECODE_STEPS
+    for value, ref in zip(cache.values[0], ref_present):
+        check(value.numpy()[:, :, :total], ref, "cache after the last step")
