@@ -288,6 +288,7 @@ class ImageProcessor:
         # The reference normalizes float32 pixels with float32 mean/std arrays.
         self._mean = np.asarray(config.image_mean, dtype=np.float32)
         self._std = np.asarray(config.image_std, dtype=np.float32)
+        self._table = None  # [3, 256] normalized value of each byte per channel, made on first use
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "ImageProcessor":
@@ -353,15 +354,27 @@ class ImageProcessor:
         # Pillow on uint8 RGB, like the reference's numpy -> PIL -> numpy round trip (lossless for uint8).
         return resize_bands(image, (width, height), self._resample)
 
-    def _normalize(self, image: Image.Image) -> np.ndarray:
-        """uint8 HWC -> float32 CHW with the reference's dtypes: rescale in float64 then cast to float32,
-        normalize in float32. Elementwise, so doing it before the transpose changes nothing."""
-        pixels = np.asarray(image)  # [h, w, 3] uint8
+    def _normalized_values(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [..., 3] -> float32 with the reference's dtypes: rescale in float64 then cast to float32,
+        normalize in float32 (per channel: the last axis)."""
         if self.config.do_rescale:
             pixels = (pixels.astype(np.float64) * self.config.rescale_factor).astype(np.float32)
         if self.config.do_normalize:
             pixels = (pixels.astype(np.float32) - self._mean) / self._std
-        return np.ascontiguousarray(pixels.astype(np.float32).transpose(2, 0, 1))
+        return pixels.astype(np.float32)
+
+    def _normalize(self, image: Image.Image) -> np.ndarray:
+        """uint8 HWC -> float32 CHW. Each value depends only on the byte and its channel, so a table of
+        the 256 bytes per channel, computed by the same steps, gives the same bits: one lookup per pixel
+        (512x512: 1.6 ms instead of 4.9)."""
+        if self._table is None:
+            every_byte = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256, 3]
+            self._table = np.ascontiguousarray(self._normalized_values(every_byte).T)  # [3, 256]
+        pixels = np.asarray(image)  # [h, w, 3] uint8
+        frame = np.empty((3,) + pixels.shape[:2], dtype=np.float32)
+        for channel in range(3):
+            np.take(self._table[channel], pixels[:, :, channel], out=frame[channel])
+        return frame
 
     def _pad(self, frames: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """Zero-pad frames bottom/right to the batch's largest frame and the frame count to the

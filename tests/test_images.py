@@ -154,6 +154,22 @@ def test_resample_filter_comes_from_the_config():
     _compare(_ours(reference)([[image]]), theirs)
 
 
+@pytest.mark.parametrize("settings", [
+    dict(image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276]),  # CLIP's: a different one per channel
+    dict(rescale_factor=1 / 127.5, image_mean=[1.0, 1.0, 1.0], image_std=[1.0, 1.0, 1.0]),
+    dict(do_normalize=False),
+    dict(do_rescale=False, do_normalize=False),
+], ids=["channel-means", "rescale", "no-normalize", "raw"])
+def test_rescale_and_normalize_settings_match_transformers(settings):
+    """Our per-byte table (runtime.images: one lookup per pixel) gives the reference's float steps' bits."""
+    image = _picture(640, 480, seed=9)
+    size, tile = GEOMETRIES["256m"]
+    reference = Idefics3ImageProcessorPil(size={"longest_edge": size}, max_image_size={"longest_edge": tile}, **settings)
+    for split in (False, True):
+        theirs = reference(images=[[image]], do_image_splitting=split, return_row_col_info=True)
+        _compare(_ours(reference)([[image]], do_image_splitting=split), theirs)
+
+
 def test_config_splitting_default_is_used_when_not_overridden():
     image = _picture(900, 500, seed=8)
     reference = Idefics3ImageProcessorPil(
