@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from smolvlm_edge.runtime.bundle import default_file_mode
 from smolvlm_edge.runtime.errors import ExportError
 
 FORMAT = "smolvlm-edge-bundle"
@@ -56,6 +57,9 @@ def staged(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 def _swap_in(partial: Path, output: Path, overwrite: bool) -> None:
     refuse_existing(output, overwrite)  # again: the export took a while, someone may have written there
+    for file in partial.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            default_file_mode(file)
     if not output.exists():
         os.rename(partial, output)
         return

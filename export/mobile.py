@@ -65,7 +65,7 @@ from smolvlm_edge.export.mobile_tokenizer import (CONTRIB_DOMAIN, CONTROL_WHITES
                                                   _check_tokenizer, _detokenizer_nodes, _tokenizer_nodes, check_question,
                                                   tokenizer_probe)
 from smolvlm_edge.export.ort_format import ort_files_made_from
-from smolvlm_edge.runtime.bundle import open_bundle
+from smolvlm_edge.runtime.bundle import default_file_mode, open_bundle
 from smolvlm_edge.runtime.errors import ExportError
 from smolvlm_edge.runtime.images import MAX_IMAGE_PIXELS, ImageConfig
 from smolvlm_edge.runtime.prompt import TextProcessor
@@ -357,6 +357,9 @@ def _save(model, path: Path, weight_bytes: int) -> Path:
                             location=data.name, size_threshold=1024)
         else:
             onnx.save_model(model, str(path))
+        for written in (path, data):
+            if written.exists():
+                default_file_mode(written)  # onnx writes external data 0600
         # The ONNX checker refuses onnxruntime's SimplifiedLayerNormalization (an ai.onnx-domain name it does
         # not know) inside the Loop body; onnxruntime itself is the check (build_mobile_model loads the file).
     except Exception:

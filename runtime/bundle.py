@@ -90,6 +90,15 @@ def verify_files(bundle: Bundle) -> None:
             )
 
 
+def default_file_mode(path: Path) -> None:
+    """Give a written file the mode open() gives a new one (0666 less the umask). onnx.save writes external
+    data files 0600, so a bundle copied to a server or read by another user would open its graphs but
+    not their weights."""
+    umask = os.umask(0o022)  # the only way to read it: set and put back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 class FileSwap:
     """Renames staged files into a bundle, keeping each file it replaces, so that `undo` puts all back."""
 
@@ -106,6 +115,7 @@ class FileSwap:
     def install(self, staged: Path, final: Path) -> None:
         if final.exists():
             self.set_aside(final)
+        default_file_mode(staged)
         os.replace(staged, final)
         self.moved.append(final)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,10 @@ def test_overwrite_with_external_data_and_no_verify(checkpoint_256m, tmp_path):
     for name in GRAPH_NAMES:
         external = manifest["graphs"][name]["fp32"]["external_data"]
         assert external == f"onnx/{name}.onnx_data" and external in manifest["files"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # onnx.save writes external data 0600
 
     from transformers import AutoModelForImageTextToText
 

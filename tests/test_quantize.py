@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -342,6 +343,18 @@ def test_bad_requests_are_refused_and_change_nothing(fresh, call, message):
     with pytest.raises(QuantizeError, match=re.escape(message)):
         quantize_bundle(fresh, progress=lambda line: None, **call)
     assert snapshot(fresh) == before
+
+
+def test_built_files_are_as_readable_as_new_files(fresh, monkeypatch):
+    """onnx.save writes external-data files 0600: a bundle copied to a server or read by another user would
+    open its graphs but not their weights. Committed files get the mode a plain new file gets."""
+    monkeypatch.setattr(weights, "EXTERNAL_DATA_BYTES", 0)  # the tiny weights go beside their graphs too
+    quantize_bundle(fresh, "q4", progress=lambda line: None)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert [p for p in (fresh / "onnx").iterdir() if p.suffix == ".onnx_data"], "no external-data file to check"
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in fresh.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 def test_unreadable_calibration_image(fresh, tmp_path):
