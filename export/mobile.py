@@ -50,6 +50,9 @@ Modules, one job each (every public name is importable from here):
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -300,24 +303,34 @@ def build_mobile_model(
     helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
     summary = (f"{_count_nodes(model.graph)} nodes, {weights.nbytes / 2**20:.2f} MiB of weights, "
                f"{weights.saved_bytes / 2**20:.2f} MiB not stored twice")
-    # An .ort converted from the file this replaces would outlive it beside the new one: remove it.
-    stale = [f for f in ort_files_made_from(Path(output_path)) if f.is_file()]
-    for file in stale:
-        file.unlink()
-    if stale:
-        say(f"removed {', '.join(f.name for f in stale)}: converted from the {Path(output_path).name} "
-            "this build replaces")
-    path = _save(model, Path(output_path), weights.nbytes)
-    del model, graph, models, weights  # the weights once in memory while onnxruntime loads the file
-    if verify:
-        try:
-            open_mobile_session(path)  # onnxruntime parses, type-checks and plans every node, subgraphs included
-        except Exception as exc:
-            for written in (path, path.with_name(path.name + ".data")):
-                written.unlink(missing_ok=True)
-            raise ExportError(f"onnxruntime cannot load the model built from {bundle.path} (removed): {exc}") from exc
-    say(f"wrote {path} ({summary})")
-    return path
+    final = Path(output_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))  # same disk: renames
+    try:
+        staged = _save(model, staging / final.name, weights.nbytes)
+        del model, graph, models, weights  # the weights once in memory while onnxruntime loads the file
+        if verify:
+            try:
+                open_mobile_session(staged)  # onnxruntime parses, type-checks and plans every node, subgraphs included
+            except Exception as exc:
+                raise ExportError(f"onnxruntime cannot load the model built from {bundle.path} (not written): "
+                                  f"{exc}") from exc
+        # An .ort converted from the file this replaces would outlive it beside the new one: remove it.
+        stale = [f for f in ort_files_made_from(final) if f.is_file()]
+        for file in stale:
+            file.unlink()
+        if stale:
+            say(f"removed {', '.join(f.name for f in stale)}: converted from the {final.name} this build replaces")
+        data = staged.with_name(staged.name + ".data")
+        if data.exists():  # the weights first: the graph that names them lands last
+            os.replace(data, final.with_name(data.name))
+        else:
+            final.with_name(data.name).unlink(missing_ok=True)  # an older build's weights file
+        os.replace(staged, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"wrote {final} ({summary})")
+    return final
 
 
 def _info(bundle, text, config, picked, max_new_tokens, with_tokenizer, prefix_ids, suffix_ids, stop_ids) -> dict:
@@ -344,26 +357,18 @@ def _count_nodes(graph) -> int:
 
 
 def _save(model, path: Path, weight_bytes: int) -> Path:
-    """Weights inside the file, or in `<name>.data` beside it above ~1.9 GiB."""
+    """Weights inside the file, or in `<name>.data` beside it above ~1.9 GiB (into the staging folder)."""
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
-    for stale in (path, data):
-        stale.unlink(missing_ok=True)
-    try:
-        if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(path))
-        for written in (path, data):
-            if written.exists():
-                default_file_mode(written)  # onnx writes external data 0600
-        # The ONNX checker refuses onnxruntime's SimplifiedLayerNormalization (an ai.onnx-domain name it does
-        # not know) inside the Loop body; onnxruntime itself is the check (build_mobile_model loads the file).
-    except Exception:
-        for partial in (path, data):
-            partial.unlink(missing_ok=True)
-        raise
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    for written in (path, data):
+        if written.exists():
+            default_file_mode(written)  # onnx writes external data 0600
+    # The ONNX checker refuses onnxruntime's SimplifiedLayerNormalization (an ai.onnx-domain name it does
+    # not know) inside the Loop body; onnxruntime itself is the check (build_mobile_model loads the file).
     return path

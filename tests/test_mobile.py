@@ -147,6 +147,23 @@ def test_q4_tokens_equal_the_runtime_and_external_data(bundle, tmp_path, monkeyp
         assert mobile.run_mobile_model(session, np.asarray(image), ids) == want
 
 
+def test_a_failed_rebuild_keeps_the_previous_file_and_leaves_nothing_else(bundle, tmp_path, monkeypatch):
+    """The model is written into a staging folder beside it and renamed in only once onnxruntime loaded it."""
+    from smolvlm_edge.runtime.errors import ExportError
+
+    path = mobile.build_mobile_model(bundle, tmp_path / "m.onnx", max_new_tokens=NEW_TOKENS)
+    before = path.read_bytes()
+
+    def refuse(_path):
+        raise RuntimeError("simulated load failure")
+
+    monkeypatch.setattr(mobile, "open_mobile_session", refuse)
+    with pytest.raises(ExportError, match="not written"):
+        mobile.build_mobile_model(bundle, path, max_new_tokens=NEW_TOKENS + 1)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def golden_case(vlm: SmolVLM) -> dict:
     """The golden vector: a small image, the prompt, its ids and the expected greedy ids (the runtime's)."""
     image = make_image(24, 16, seed=7)
