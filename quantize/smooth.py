@@ -13,9 +13,7 @@ ONNX build, as weight-only int8's 95.2 % (mean KL 0.0097 vs 0.0034).
 
 Each linear with a constant weight (the lm_head excepted: it stays 8-bit MatMulNBits) becomes
     xs = x * (1/s) -> m = max|xs| per row -> QuantizeLinear(xs / m, 1/127, zero point 128)
-      -> MatMulIntegerToFloat(., W_int8, 1/127, c, 128) -> * m   (c: the weight's per-column scale),
-except where an RMS norm feeds it alone (qkv and gate_up in fused graphs): the norm's scale takes 1/s
-and one DynamicQuantizeMatMul(x, W_int8, c) quantizes the call's normalized rows together.
+      -> MatMulIntegerToFloat(., W_int8, 1/127, c, 128) -> * m   (c: the weight's per-column scale).
 """
 from __future__ import annotations
 
@@ -54,10 +52,7 @@ def calibration_rows(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds:
 
 
 def quantized_output(x: np.ndarray, s: np.ndarray, codes: np.ndarray, col_scale: np.ndarray) -> np.ndarray:
-    """What the per-row chain computes for rows x (numpy, as the graph does it): the error a choice of s makes.
-    It also picks alpha for the linears that quantize a call's rows together (DynamicQuantizeMatMul): on the
-    demo that choice gave top-1 95.0 % / KL 0.0098, simulating their own uint8 quantization per row 93.2 % /
-    0.0108, per calibration set 94.4 % / 0.0104 (issue 4's note)."""
+    """What the chain computes for rows x (numpy, as the graph does it): the error a choice of s makes."""
     xs = x / s
     peak = np.maximum(np.abs(xs).max(axis=1, keepdims=True), _ROW_FLOOR)
     xq = np.clip(np.rint(xs / peak * 127), -128, 127)
@@ -120,18 +115,13 @@ def smooth_linears(model: onnx.ModelProto, nodes: list[onnx.NodeProto], rows: di
                                         numpy_helper.from_array(col_scale, f"{p}_w_scale")])
         dropped.add(node.input[1])
         gamma = folds.get(node.name)
-        if gamma is not None:
-            # The norm before it writes x / s already (no Mul), and its rows come normalized: one scale for
-            # all rows of a call (DynamicQuantizeLinear inside; one row per decode step) loses nothing
-            # measurable against one per row (demo: top-1 95.0 % both, KL 0.0098 vs 0.0097) and is one node
-            # instead of seven: prefill +8-27 % (issue 4's note).
+        if gamma is not None:  # the norm before it writes x / s already: no Mul
             gamma.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(gamma) / s, gamma.name))
-            out_nodes.append(helper.make_node("DynamicQuantizeMatMul", [x_name, f"{p}_w_int8", f"{p}_w_scale"], [y],
-                                              name=f"{p}_int8", domain="com.microsoft"))
-            continue
-        model.graph.initializer.append(numpy_helper.from_array((1 / s).astype(np.float32), f"{p}_smooth_inv"))
-        out_nodes.append(helper.make_node("Mul", [x_name, f"{p}_smooth_inv"], [f"{p}_xs"], name=f"{p}_smooth"))
-        xs = f"{p}_xs"
+            xs = x_name
+        else:
+            model.graph.initializer.append(numpy_helper.from_array((1 / s).astype(np.float32), f"{p}_smooth_inv"))
+            out_nodes.append(helper.make_node("Mul", [x_name, f"{p}_smooth_inv"], [f"{p}_xs"], name=f"{p}_smooth"))
+            xs = f"{p}_xs"
         out_nodes += [
             helper.make_node("Abs", [xs], [f"{p}_abs"], name=f"{p}_abs"),
             # ReduceMax takes its axes as an input from opset 18, as an attribute before

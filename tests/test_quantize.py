@@ -171,9 +171,9 @@ def test_recipe_variants(tiny_bundles, tmp_path, images, recipe, options):
 
 @pytest.mark.parametrize("attention", ["fused", "plain"])
 def test_int8_smooth_decoder_quantizes_activations_per_row(tiny_bundles, tmp_path, images, attention):
-    """SmoothQuant W8A8: every linear but the lm_head runs on int8 activations. Those a fused RMS norm feeds
-    alone take their 1/s in that norm's scale and run as one DynamicQuantizeMatMul; the others (all of a
-    plain export's) keep a Mul and quantize each row (MatMulIntegerToFloat). The build meets int8's floors."""
+    """SmoothQuant W8A8: every linear but the lm_head runs as MatMulIntegerToFloat on int8 rows, the 1/s of
+    each linear a fused RMS norm feeds goes into that norm's scale (a plain export keeps a Mul for each),
+    and the build still meets int8's floors."""
     import onnx
 
     from smolvlm_edge.quantize.smooth import CALIBRATION_PROMPTS
@@ -191,20 +191,15 @@ def test_int8_smooth_decoder_quantizes_activations_per_row(tiny_bundles, tmp_pat
     assert info["calibration_prompts"] == len(CALIBRATION_PROMPTS) and info["lm_head"] == "int8 MatMulNBits"
     built_ = onnx.load(str(bundle / entries["decoder_model_merged"]["int8"]["file"]), load_external_data=False)
     ops = [n.op_type for n in built_.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == linears and ops.count("MatMulNBits") == 1
     assert not [n for n in built_.graph.node if n.op_type == "MatMul" and n.input[1] in
                 {t.name for t in built_.graph.initializer}]
-    per_row = [n for n in built_.graph.node if n.op_type == "MatMulIntegerToFloat"]
-    together = [n for n in built_.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    # qkv and gate_up read a norm's output (1/s folded into its scale); o_proj and down_proj keep a Mul
     smoothing = [n for n in built_.graph.node if n.name.endswith("_smooth")]
-    assert len(per_row) + len(together) == linears and ops.count("MatMulNBits") == 1
-    if attention == "fused":  # qkv and gate_up read a norm's output; o_proj and down_proj keep a Mul
-        assert len(together) == len(smoothing) == len(per_row) == linears // 2
-        assert all("qkv_proj" in n.name or "gate_up_proj" in n.name for n in together)
-        assert all("o_proj" in n.name or "down_proj" in n.name for n in smoothing + per_row)
-        norms = {n.output[0] for n in built_.graph.node if n.op_type.endswith("SimplifiedLayerNormalization")}
-        assert all(n.input[0] in norms for n in together)
+    if attention == "fused":
+        assert len(smoothing) == linears // 2 and all("o_proj" in n.name or "down_proj" in n.name for n in smoothing)
     else:
-        assert len(smoothing) == len(per_row) == linears and not together
+        assert len(smoothing) == linears
     generates(bundle, "int8", images[0])
     assert_passes(parity(bundle, "int8", images), "int8")
 
