@@ -28,10 +28,11 @@ class ParityError(SmolVLMEdgeError):
 class OnnxBuild:
     """One precision of a bundle, asked the same questions as the PyTorch reference."""
 
-    def __init__(self, bundle: Path, precision: str | dict, threads: int | None = None):
+    def __init__(self, bundle: Path, precision: str | dict, threads: int | None = None, provider: str = "cpu",
+                 **provider_settings):
         from smolvlm_edge.runtime import SmolVLM
 
-        self.vlm = SmolVLM(bundle, precision=precision, threads=threads)
+        self.vlm = SmolVLM(bundle, precision=precision, threads=threads, provider=provider, **provider_settings)
 
     def image_features(self, pixel_values, pixel_attention_mask):
         features = self.vlm.run_vision(pixel_values, pixel_attention_mask)
@@ -95,17 +96,22 @@ def run_parity(
     max_text_tokens: int = 320,
     new_tokens: int = 32,
     threads: int | None = None,
+    provider: str = "cpu",
+    provider_settings: dict | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """Measure `precision` of `bundle` against PyTorch (when available) and the fp32 build; return the report."""
+    """Measure `precision` of `bundle` against PyTorch (when available) and the fp32 build; return the report.
+
+    The build runs on `provider` (with SmolVLM's `provider_options` / `fallback` in `provider_settings`); the
+    fp32 build it is compared with runs on the CPU, as PyTorch does, so a provider's own errors show."""
     bundle = Path(bundle)
     started = time.perf_counter()
     progress(f"loading the {precision} build of {bundle}")
-    build = OnnxBuild(bundle, precision, threads)
+    build = OnnxBuild(bundle, precision, threads, provider, **(provider_settings or {}))
     sample = list(images) or [str(_sample_image(bundle))]
     pics, processed, ids = load_inputs(build.vlm, sample, Path(text_file), max_text_tokens)
-    report = {"bundle": str(bundle), "precision": precision, "images": sample, "prompts": list(prompts),
-              "text_file": str(text_file), "text_tokens": int(ids.shape[1]), "against": {}}
+    report = {"bundle": str(bundle), "precision": precision, "providers": build.vlm.providers, "images": sample,
+              "prompts": list(prompts), "text_file": str(text_file), "text_tokens": int(ids.shape[1]), "against": {}}
 
     references = {}
     if precision != "fp32":

@@ -20,7 +20,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Parity of the `{report['precision']}` build: {verdict}",
         "",
-        f"Bundle `{report['bundle']}`; {report['text_tokens']} tokens of `{Path(report['text_file']).name}` "
+        f"Bundle `{report['bundle']}` on {', '.join(report.get('providers') or ['CPUExecutionProvider'])}; "
+        f"{report['text_tokens']} tokens of `{Path(report['text_file']).name}` "
         f"teacher-forced; prompts {report['prompts']}; images {report['images']}.",
         "",
     ]

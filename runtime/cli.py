@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--prompts", nargs="+", default=["What is in this image?"], help="prompts for greedy continuations")
     par.add_argument("--text", help="text file for the teacher-forced check (default: the packaged English text)")
     par.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
-    par.add_argument("--threads", type=int, help="intra-op threads")
     par.add_argument("--output-dir", help="where to write the report (default: BUNDLE/parity)")
+    _add_provider_flags(par)  # the build runs there; the fp32 build it is compared with runs on the CPU
 
     mo = sub.add_parser("mobile", help="write the one-file model for apps (smolvlm_mobile.onnx, optionally .ort)",
                         description="Merge a bundle's graphs, the image preprocessing and the greedy loop into one ONNX "
@@ -339,7 +339,9 @@ def run_parity_command(args) -> int:
     name = precision if isinstance(precision, str) else "mixed-" + "-".join(precision.values())
     report = run_parity(args.bundle, precision, reference=args.reference, images=tuple(args.images),
                         prompts=tuple(args.prompts), text_file=Path(args.text) if args.text else DEFAULT_TEXT,
-                        new_tokens=args.new_tokens, threads=args.threads)
+                        new_tokens=args.new_tokens, threads=args.threads, provider=args.provider,
+                        provider_settings={"provider_options": parse_provider_options(args.provider_option),
+                                           "fallback": args.fallback})
     report["precision"] = name
     json_path, md_path = write_report(report, Path(args.output_dir) if args.output_dir else Path(args.bundle) / "parity")
     print(f"parity of {name}: {'PASSED' if report['passed'] else 'FAILED'} (report: {md_path}, {json_path})")

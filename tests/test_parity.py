@@ -20,12 +20,26 @@ def test_fp32_build_passes_against_pytorch(tiny_bundles, tmp_path, capsys):
     assert code == 0, out
     report = json.loads((tmp_path / "parity_fp32.json").read_text())
     assert report["passed"] and not report["failures"]
+    assert report["providers"] == ["CPUExecutionProvider"]
     torch_result = report["against"]["pytorch"]
     assert set(torch_result["graphs"]) == {"vision_encoder", "embed_tokens", "decoder_model_merged"}
     assert torch_result["teacher_forced"]["top1_agreement"] == 1.0
     assert torch_result["teacher_forced"]["positions"] >= 256
     assert torch_result["greedy"][0]["identical"]
     assert "PASSED" in (tmp_path / "parity_fp32.md").read_text()
+
+
+def test_a_provider_this_onnxruntime_lacks_is_refused_before_any_report(tiny_bundles, tmp_path, capsys):
+    """`parity --provider cuda` checks a build on the GPU; without CUDA in onnxruntime it fails clearly."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    code = main(["parity", "--bundle", str(tiny_bundles("256m")), "--precision", "fp32", "--provider", "cuda",
+                 "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0 and "CUDAExecutionProvider" in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def damage_decoder(bundle, name: str = "damaged") -> None:
