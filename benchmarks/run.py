@@ -3,6 +3,11 @@
     python -m benchmarks.run [--bundle out/demo-bundle] [--precisions fp32 q4f16 int8] [--torch]
                              [--llama-cpp GGUF] [--peers [PEER ...]] [--threads 2] [--repeats 3] [--rounds 1]
                              [--prefill-tokens 256] [--decode-tokens 128] [--out benchmarks/results]
+                             [--provider cpu|cuda]
+
+`--provider cuda` runs our builds on onnxruntime's CUDA provider (default precisions fp16, fp32, q4f16)
+beside PyTorch CUDA eager in float16 (`--torch`), and writes bench_cuda.* instead; the peers are CPU
+comparisons and are not run there.
 
 Each engine runs in its own child process (`--child ENGINE`), so its peak RSS is its own. Per
 engine, after one warm-up, `--repeats` runs of: vision ms per frame (1 frame, and 5 frames in one
@@ -39,6 +44,8 @@ GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 QUESTION = "What is in this image?"
 # Our builds: every graph at one precision, or a per-graph mix ("vision=int8,embed=q4,decoder=q4").
 DEFAULT_PRECISIONS = ("fp32", "q4", "int8", "q4f16", "vision=int8,embed=q4,decoder=q4")
+# On a GPU: float16 builds (and fp32), set beside PyTorch CUDA eager in float16.
+CUDA_PRECISIONS = ("fp16", "fp32", "q4f16")
 # The text-only figure to set beside llama.cpp and genai (which hold no vision encoder in memory).
 TEXT_ONLY_PRECISION = "q4"
 # The build we recommend for time to first token on an x86 CPU with VNNI: int8 vision and int8 weight-only text
@@ -83,11 +90,11 @@ def spread(values: list[float]) -> dict:
 class OrtEngine:
     """Our runtime at one precision: `vision`/`ttft`/`text` return seconds."""
 
-    def __init__(self, bundle: Path, precision: str, threads: int):
+    def __init__(self, bundle: Path, precision: str, threads: int, provider: str = "cpu"):
         from smolvlm_edge.runtime import SmolVLM
         from smolvlm_edge.runtime.cli import parse_precision
 
-        self.vlm = SmolVLM(bundle, provider="cpu", threads=threads, precision=parse_precision(precision))
+        self.vlm = SmolVLM(bundle, provider=provider, threads=threads, precision=parse_precision(precision))
         self.encode = self.vlm.text.encode
 
     def vision(self, pixels, mask) -> float:
@@ -119,42 +126,57 @@ class OrtTextEngine(OrtEngine):
 
     vision = None
 
-    def __init__(self, bundle: Path, precision: str, threads: int):
+    def __init__(self, bundle: Path, precision: str, threads: int, provider: str = "cpu"):
         from types import SimpleNamespace
 
         from smolvlm_edge.runtime.bundle import open_bundle
         from smolvlm_edge.runtime.embed_table import table_rows_for
         from smolvlm_edge.runtime.generate import Decoder
         from smolvlm_edge.runtime.prompt import TextProcessor
-        from smolvlm_edge.runtime.providers import make_session
+        from smolvlm_edge.runtime.providers import choose_provider, make_session
 
         opened = open_bundle(bundle)
+        choice = choose_provider(provider, threads)
         embed = table_rows_for(opened, precision)  # as SmolVLM does: rows read from the file, when recorded
         if embed is None:
-            session = make_session(opened.graph_file("embed_tokens", precision), ["CPUExecutionProvider"], threads,
+            session = make_session(opened.graph_file("embed_tokens", precision), choice, threads,
                                    hands_over=True)  # as SmolVLM opens it
             embed = lambda ids: session.run(["inputs_embeds"], {"input_ids": ids})[0]  # noqa: E731
-        decoder = make_session(opened.graph_file("decoder_model_merged", precision), ["CPUExecutionProvider"], threads)
+        decoder = make_session(opened.graph_file("decoder_model_merged", precision), choice, threads)
         self.vlm = SimpleNamespace(decoder=Decoder(decoder, opened.text), text=TextProcessor.from_dir(bundle),
                                    embed=embed)
         self.encode = self.vlm.text.encode
 
 
 class TorchEngine:
-    """PyTorch eager fp32 on the bundle's source checkpoint, fed by our runtime's processors."""
+    """PyTorch eager on the bundle's source checkpoint, fed by our runtime's processors: float32 on the CPU,
+    float16 on a GPU (`device="cuda"`), timed after the device has finished."""
 
-    def __init__(self, bundle: Path, threads: int):
+    def __init__(self, bundle: Path, threads: int, device: str = "cpu"):
         import torch
         from smolvlm_edge.export.reference import load_reference
         from smolvlm_edge.runtime.prompt import TextProcessor
 
         torch.set_num_threads(threads)
-        self.torch = torch
+        self.torch, self.device = torch, torch.device(device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.source = json.loads((bundle / "manifest.json").read_text())["source"]["model"]
-        self.model, _ = load_reference(self.source)
+        model, _ = load_reference(self.source)
+        self.model = model.to(self.device, self.dtype)
         self.text_proc = TextProcessor.from_dir(bundle)
         self.images = image_processor(bundle)
         self.encode = self.text_proc.encode
+
+    def tensor(self, array: np.ndarray):
+        """A numpy input on the model's device; floats in the model's dtype."""
+        value = self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return value.to(self.dtype) if value.is_floating_point() else value
+
+    def done(self) -> float:
+        """The time once the device has finished what was queued (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -164,22 +186,21 @@ class TorchEngine:
     def vision(self, pixels, mask) -> float:
         torch = self.torch
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            self.model.model.get_image_features(pixel_values=torch.from_numpy(pixels),
-                                                pixel_attention_mask=torch.from_numpy(mask))
-            return time.perf_counter() - t0
+            t0 = self.done()
+            self.model.model.get_image_features(pixel_values=self.tensor(pixels), pixel_attention_mask=self.tensor(mask))
+            return self.done() - t0
 
     def ttft(self, image) -> float:
         torch, proc = self.torch, self.text_proc
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            t0 = self.done()
             frames = self.images([[image]], do_image_splitting=False)
             prompt = proc.expand_image_tokens(proc.render(proc.messages_for(QUESTION, 1)), frames.rows[0], frames.cols[0])
-            ids = torch.tensor([proc.encode(prompt)])
+            ids = self.tensor(np.array([proc.encode(prompt)], dtype=np.int64))
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=self.new_cache(), use_cache=True,
-                             pixel_values=torch.from_numpy(frames.pixel_values),
-                             pixel_attention_mask=torch.from_numpy(frames.pixel_attention_mask), logits_to_keep=1)
-            int(out.logits[0, -1].argmax())
+                             pixel_values=self.tensor(frames.pixel_values),
+                             pixel_attention_mask=self.tensor(frames.pixel_attention_mask), logits_to_keep=1)
+            int(out.logits[0, -1].argmax())  # the token on the host: the device has finished
             return time.perf_counter() - t0
 
     def text(self, ids: np.ndarray, steps: int) -> tuple[float, float]:
@@ -187,18 +208,21 @@ class TorchEngine:
         embed, text_model = model.get_input_embeddings(), model.model.text_model
 
         def forward(token_ids, start, cache):
-            out = text_model(inputs_embeds=embed(token_ids), attention_mask=torch.ones((1, start + token_ids.shape[1]), dtype=torch.long),
-                             position_ids=torch.arange(start, start + token_ids.shape[1])[None], cache=cache, use_cache=True)
+            length = token_ids.shape[1]
+            out = text_model(inputs_embeds=embed(token_ids),
+                             attention_mask=torch.ones((1, start + length), dtype=torch.long, device=self.device),
+                             position_ids=torch.arange(start, start + length, device=self.device)[None], cache=cache,
+                             use_cache=True)
             return model.lm_head(out.last_hidden_state[:, -1:])
 
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            t0 = self.done()
             cache = self.new_cache()
-            logits = forward(torch.from_numpy(ids), 0, cache)
-            t1 = time.perf_counter()
+            logits = forward(self.tensor(ids), 0, cache)
+            t1 = self.done()
             for i in range(steps):
                 logits = forward(logits[:, -1].argmax(-1, keepdim=True), n + i, cache)
-            return t1 - t0, time.perf_counter() - t1
+            return t1 - t0, self.done() - t1
 
 
 class LlamaCppEngine:
@@ -280,15 +304,17 @@ def child(args) -> dict:
     """Build one engine, measure it, and return its record (what the child prints)."""
     spec = args.child
     ort = spec.startswith(("ort:", "ort-text:"))
-    record = {"engine": spec, "precision": spec.partition(":")[2] if ort else "fp32" if spec == "torch" else "gguf",
-              "threads": args.threads, "repeats": args.repeats, "prefill_tokens": args.prefill_tokens,
-              "decode_tokens": args.decode_tokens, "versions": versions()}
+    on_gpu = args.provider == "cuda"
+    record = {"engine": spec, "precision": spec.partition(":")[2] if ort else
+              ("fp16" if on_gpu else "fp32") if spec == "torch" else "gguf",
+              "provider": args.provider, "threads": args.threads, "repeats": args.repeats,
+              "prefill_tokens": args.prefill_tokens, "decode_tokens": args.decode_tokens, "versions": versions()}
     if spec.startswith("ort:"):
-        engine = OrtEngine(args.bundle, spec[4:], args.threads)
+        engine = OrtEngine(args.bundle, spec[4:], args.threads, args.provider)
     elif spec.startswith("ort-text:"):
-        engine = OrtTextEngine(args.bundle, spec[9:], args.threads)
+        engine = OrtTextEngine(args.bundle, spec[9:], args.threads, args.provider)
     elif spec == "torch":
-        engine = TorchEngine(args.bundle, args.threads)
+        engine = TorchEngine(args.bundle, args.threads, "cuda" if on_gpu else "cpu")
     else:
         try:
             engine = LlamaCppEngine(args.llama_cpp, args.threads)
@@ -354,7 +380,8 @@ def engine_specs(args) -> list[str]:
         chosen = parse_precision(precision)
         return all((chosen if isinstance(chosen, str) else chosen[g]) in graphs.get(g, {}) for g in names)
 
-    have = [p for p in args.precisions or DEFAULT_PRECISIONS if built(p)]
+    default = CUDA_PRECISIONS if args.provider == "cuda" else DEFAULT_PRECISIONS
+    have = [p for p in args.precisions or default if built(p)]
     missing = [p for p in args.precisions or () if p not in have]
     if missing:
         print(f"skipping precisions the bundle lacks: {', '.join(missing)}", file=sys.stderr)
@@ -390,7 +417,8 @@ def run_child(spec: str, args) -> dict:
             return command
         command += common
     else:
-        command = [sys.executable, "-m", "benchmarks.run", "--child", spec, "--bundle", str(args.bundle), *common]
+        command = [sys.executable, "-m", "benchmarks.run", "--child", spec, "--bundle", str(args.bundle),
+                   "--provider", args.provider, *common]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -431,8 +459,19 @@ def median(records: list[dict], engine: str, key: str, frames: str = "1"):
     return value["median"] if isinstance(value, dict) else value
 
 
+def gpu_ratios(records: list[dict]) -> list[str]:
+    """On a GPU the issue asks for figures beside PyTorch CUDA eager (float16), with no targets."""
+    lines = []
+    for key, label in (("decode_tok_s", "decode"), ("ttft_ms", "TTFT"), ("prefill_tok_s", "prefill")):
+        x, y = median(records, "ort:fp16", key), median(records, "torch", key)
+        lines.append(f"- ort:fp16 {label} / torch (CUDA, float16) {label}: {f'{x / y:.2f}x' if x and y else 'n/a'}")
+    return lines
+
+
 def ratios(records: list[dict]) -> list[str]:
     """Ratio lines between engines measured in this run (n/a where one side is missing)."""
+    if any(r.get("provider") == "cuda" for r in records):
+        return gpu_ratios(records)
     q4, first, text = "ort:q4", f"ort:{FIRST_TOKEN_PRECISION}", f"ort-text:{TEXT_ONLY_PRECISION}"
     wanted = [(q4, "llama.cpp", "decode_tok_s", "decode", 1.5), (q4, "genai:int4", "decode_tok_s", "decode", 1.0),
               ("ort:fp32", "torch", "decode_tok_s", "decode", 1.5), ("ort:int8", "torch", "prefill_tok_s", "prefill", 1.5),
@@ -474,7 +513,8 @@ def markdown(records: list[dict], load: dict) -> str:
     runs = f"{first.get('repeats')} run(s) after a warm-up"
     if first.get("rounds"):
         runs = f"{first['rounds']} rounds (engines in alternating order) x {runs}"
-    lines += ["", f"Median (min–max) of {runs}, {first.get('threads')} threads, "
+    where = " on onnxruntime's CUDA provider and PyTorch CUDA (float16)" if first.get("provider") == "cuda" else ""
+    lines += ["", f"Median (min–max) of {runs}{where}, {first.get('threads')} threads, "
               f"prefill {first.get('prefill_tokens')} tokens, decode {first.get('decode_tokens')} tokens; "
               f"busy: {load['busy_processes']} other processes running, load {load['load_1m']}.", ""]
     return "\n".join(lines + ratios(records)) + "\n"
@@ -518,6 +558,9 @@ def parse(argv=None):
     parser.add_argument("--prefill-tokens", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                        help="where our builds run (cuda: default precisions " + " ".join(CUDA_PRECISIONS)
+                             + ", beside PyTorch CUDA eager in float16; results in bench_cuda.*; no CPU peers)")
     parser.add_argument("--child", metavar="ENGINE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.bundle = args.bundle.resolve()  # the children run from the repository root
@@ -529,6 +572,8 @@ def main(argv=None) -> list[dict]:
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return []
+    if args.provider != "cpu":
+        refuse_on_gpu(args)
     load = busy()
     print(f"busy: {load['busy_processes']} other processes running (1-minute load {load['load_1m']})", flush=True)
     specs = engine_specs(args)
@@ -543,10 +588,32 @@ def main(argv=None) -> list[dict]:
     table = markdown(records, load)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (args.out / "bench.md").write_text(table)
-    chart(records, args.out / "bench.png")
+    stem = "bench" if args.provider == "cpu" else f"bench_{args.provider}"
+    (args.out / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (args.out / f"{stem}.md").write_text(table)
+    chart(records, args.out / f"{stem}.png")
     return records
+
+
+def refuse_on_gpu(args) -> None:
+    """Before any child starts: the provider must be in this onnxruntime, and PyTorch must see a GPU for --torch;
+    the peers are CPU comparisons."""
+    from smolvlm_edge.runtime.errors import ProviderError
+    from smolvlm_edge.runtime.providers import choose_provider
+
+    if args.peers is not None or args.llama_cpp:
+        raise SystemExit(f"error: the peers (llama.cpp, genai, OpenVINO) are CPU comparisons; run them without "
+                         f"--provider {args.provider}")
+    try:
+        choose_provider(args.provider, args.threads)
+    except ProviderError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if args.torch:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --torch with --provider {args.provider} runs PyTorch on the GPU, and this "
+                             f"PyTorch {torch.__version__} sees none (a CPU build, or no driver)")
 
 
 if __name__ == "__main__":

@@ -123,3 +123,39 @@ def test_move_off_grid_keeps_the_tie_and_stays_within_half_a_step(tiny_bundles, 
     assert tied and np.array_equal(table_after, after[head].T)
     open_bundle(bundle)  # the manifest's sizes and sha256 match the rewritten files, in the same layout
     assert sorted(p.name for p in (bundle / "onnx").iterdir()) == sorted(p.name for p in (tiny_bundles("256m") / "onnx").iterdir())
+
+
+def test_gpu_mode_refuses_what_it_cannot_run_before_any_child(tiny_bundles, tmp_path):
+    """`--provider cuda`: a provider this onnxruntime lacks, or the CPU peers, stop the run with one clear line."""
+    import onnxruntime as ort
+    import pytest
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    base = ["--bundle", str(tiny_bundles("256m")), "--provider", "cuda", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="CPU comparisons"):
+        run.main(base + ["--peers"])
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(SystemExit, match="CUDAExecutionProvider"):
+            run.main(base)
+    assert not list(tmp_path.iterdir())
+    # on a GPU the defaults are its float16 builds (and fp32), as the bundle has them
+    assert run.engine_specs(run.parse(base)) == ["ort:fp32"]
+    assert run.engine_specs(run.parse(base + ["--torch"])) == ["ort:fp32", "torch"]
+
+
+def test_gpu_ratios_set_fp16_beside_pytorch_cuda():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    def record(engine, decode, ttft):
+        return {"engine": engine, "provider": "cuda", "decode_tok_s": {"median": decode}, "ttft_ms": {"median": ttft},
+                "prefill_tok_s": {"median": 1000.0}}
+
+    lines = run.ratios([record("ort:fp16", 300.0, 20.0), record("torch", 100.0, 40.0)])
+    assert lines == ["- ort:fp16 decode / torch (CUDA, float16) decode: 3.00x",
+                     "- ort:fp16 TTFT / torch (CUDA, float16) TTFT: 0.50x",
+                     "- ort:fp16 prefill / torch (CUDA, float16) prefill: 1.00x"]
