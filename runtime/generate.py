@@ -45,6 +45,7 @@ class Decoder:
         # The fused graph's scalar input: logits for the last N positions only (0: all; generation reads one).
         self.takes_keep = KEEP_LOGITS in self.input_names
         self.prefill_chunk = PREFILL_CHUNK if self.fused else 0
+        self.cache_device = cache_device(session)  # where an InPlaceCache's buffers go
 
     def empty_cache(self, batch: int, capacity: int = 0):
         """An empty cache for `batch` rows; a fused graph's buffers hold `capacity` positions (grown if needed)."""
@@ -93,7 +94,7 @@ class InPlaceCache:
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
         self.decoder = decoder
-        self.device = cache_device(decoder.session)
+        self.device = decoder.cache_device
         self.lengths = [0] * batch  # valid positions per row
         self.capacities = [max(capacity, 1)] * batch
         self.values = [self._buffers(c) for c in self.capacities]

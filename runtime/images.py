@@ -288,7 +288,8 @@ class ImageProcessor:
         # The reference normalizes float32 pixels with float32 mean/std arrays.
         self._mean = np.asarray(config.image_mean, dtype=np.float32)
         self._std = np.asarray(config.image_std, dtype=np.float32)
-        self._table = None  # [3, 256] normalized value of each byte per channel, made on first use
+        every_byte = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256, 3]
+        self._table = np.ascontiguousarray(self._normalized_values(every_byte).T)  # [3, 256]: byte -> value
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "ImageProcessor":
@@ -367,9 +368,6 @@ class ImageProcessor:
         """uint8 HWC -> float32 CHW. Each value depends only on the byte and its channel, so a table of
         the 256 bytes per channel, computed by the same steps, gives the same bits: one lookup per pixel
         (512x512: 1.6 ms instead of 4.9)."""
-        if self._table is None:
-            every_byte = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256, 3]
-            self._table = np.ascontiguousarray(self._normalized_values(every_byte).T)  # [3, 256]
         pixels = np.asarray(image)  # [h, w, 3] uint8
         frame = np.empty((3,) + pixels.shape[:2], dtype=np.float32)
         for channel in range(3):
