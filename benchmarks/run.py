@@ -3,7 +3,7 @@
     python -m benchmarks.run [--bundle out/demo-bundle] [--precisions fp32 q4f16 int8] [--torch]
                              [--llama-cpp GGUF] [--peers [PEER ...]] [--threads 2] [--repeats 3] [--rounds 1]
                              [--prefill-tokens 256] [--decode-tokens 128] [--out benchmarks/results]
-                             [--provider cpu|cuda]
+                             [--provider cpu|cuda] [--no-quality]
 
 `--provider cuda` runs our builds on onnxruntime's CUDA provider (default precisions fp16, fp32, q4f16)
 beside PyTorch CUDA eager in float16 (`--torch`), and writes bench_cuda.* instead; the peers are CPU
@@ -19,6 +19,11 @@ time): each figure is then the median of the rounds' medians, so a machine whose
 minutes (this one does, by 10-20 %) weighs on every engine alike instead of on whichever ran last.
 Both PyTorch's text path and ours compute logits for the last position only (as generation does;
 the fused graph's num_logits_to_keep). llama.cpp has no vision here.
+
+Speed means little without the quality it comes at, and the peers quantize the same weights their own
+way, so each engine also reports its text top-1: after its timings and peak RSS, one teacher-forced pass
+over the prefill's ids, compared with the fp32 build's logits (made once per run in a child): how often
+the next-token argmax agrees, and the mean KL divergence (`--no-quality` skips it).
 Prints one JSON record per engine and a Markdown table with ratios; writes bench.jsonl, bench.md
 and bench.png under `--out`.
 """
@@ -32,6 +37,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -53,7 +59,7 @@ TEXT_ONLY_PRECISION = "q4"
 # decoder prefills and decodes faster than q4's here (no block-bias path) at 95.2 % vs 95.4 % top-1.
 FIRST_TOKEN_PRECISION = "int8"
 COLUMNS = ("vision ms/frame (1 frame)", "vision ms/frame (5 frames)", "TTFT ms", "prefill tok/s",
-           "decode tok/s", "peak RSS MB", "size MB")
+           "decode tok/s", "peak RSS MB", "size MB", "text top-1 vs fp32 (KL)")
 
 
 # ---------------------------------------------------------------- inputs and statistics
@@ -83,6 +89,29 @@ def repeated(fn, repeats: int) -> list:
 
 def spread(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> dict:
+    """How closely an engine's teacher-forced logits [n, V] follow the reference's [n, V']: top-1 match (%) and
+    mean KL(reference || engine), over the vocabulary both have (the bundle's adds image tokens to the text
+    model's 49152), each renormalised over it."""
+    if logits.shape[0] != reference.shape[0]:
+        raise ValueError(f"logits for {logits.shape[0]} positions, the reference has {reference.shape[0]}")
+    vocab = min(logits.shape[-1], reference.shape[-1])
+    got, ref = log_softmax(logits[:, :vocab]), log_softmax(reference[:, :vocab])
+    return {"top1_pct": round(100 * float((got.argmax(-1) == ref.argmax(-1)).mean()), 1),
+            "kl": round(float((np.exp(ref) * (ref - got)).sum(-1).mean()), 4), "positions": int(logits.shape[0])}
+
+
+def quality(engine, reference: Path) -> dict:
+    """`engine.logits(ids)` on the reference file's ids, against its logits (write_reference)."""
+    saved = np.load(reference)
+    return agreement(np.asarray(engine.logits(saved["ids"]), dtype=np.float32), saved["logits"])
 
 
 # ---------------------------------------------------------------- engines (in the child)
@@ -119,6 +148,13 @@ class OrtEngine:
             logits, cache = decoder(self.vlm.embed(token), np.ones((1, n + i + 1), np.int64),
                                     np.array([[n + i]], dtype=np.int64), cache, last_only=True)
         return t1 - t0, time.perf_counter() - t1
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits of every position of `ids` [1, n]: [n, V]."""
+        decoder, n = self.vlm.decoder, ids.shape[1]
+        logits, _ = decoder(self.vlm.embed(ids), np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None],
+                            decoder.empty_cache(1, n))
+        return logits[0]
 
 
 class OrtTextEngine(OrtEngine):
@@ -224,6 +260,14 @@ class TorchEngine:
                 logits = forward(logits[:, -1].argmax(-1, keepdim=True), n + i, cache)
             return t1 - t0, self.done() - t1
 
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        torch, model, n = self.torch, self.model, ids.shape[1]
+        with torch.inference_mode():
+            out = model.model.text_model(inputs_embeds=model.get_input_embeddings()(self.tensor(ids)),
+                                         attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
+                                         position_ids=torch.arange(n, device=self.device)[None], use_cache=False)
+            return model.lm_head(out.last_hidden_state)[0].float().cpu().numpy()
+
 
 class LlamaCppEngine:
     """llama.cpp through llama-cpp-python on a GGUF: text only."""
@@ -233,8 +277,18 @@ class LlamaCppEngine:
     def __init__(self, gguf: Path, threads: int):
         from llama_cpp import Llama
 
+        self.gguf, self.threads = gguf, threads
         self.llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=1024, logits_all=False, verbose=False)
         self.encode = lambda text: self.llm.tokenize(text.encode(), add_bos=False)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Every position's logits need a context made with logits_all (more memory: only after the measurements)."""
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(self.gguf), n_threads=self.threads, n_ctx=max(1024, ids.shape[1]), logits_all=True,
+                    verbose=False)
+        llm.eval(ids[0].tolist())
+        return np.array(llm.scores[:ids.shape[1]], dtype=np.float32)
 
     def text(self, ids: np.ndarray, steps: int) -> tuple[float, float]:
         llm = self.llm
@@ -325,7 +379,18 @@ def child(args) -> dict:
     record.update(measure(engine, args, picture(side)))
     record["peak_rss_mb"] = peak_rss_mb()
     record["size_mb"] = size_mb(args, spec)
+    if args.reference:  # after the peak RSS: every position's logits take memory generation never needs
+        record["quality"] = quality(engine, args.reference)
     return record
+
+
+def write_reference(args) -> None:
+    """The reference the quality column compares with: the fp32 build's teacher-forced logits over the prefill's
+    ids (the first `--prefill-tokens` of the reference text), in an .npz (ids [1, n], logits [n, V])."""
+    engine = OrtTextEngine(args.bundle, "fp32", args.threads)
+    ids = text_ids(engine.encode, args.prefill_tokens)
+    with open(args.write_reference, "wb") as f:
+        np.savez(f, ids=ids, logits=engine.logits(ids))
 
 
 def peak_rss_mb() -> float:
@@ -407,10 +472,11 @@ def peer_command(spec: str, args) -> list[str] | dict:
     return [str(python), "-m", f"benchmarks.peers.{module}", "--model", str(model)]
 
 
-def run_child(spec: str, args) -> dict:
-    """Measure one engine in a fresh interpreter and read its one JSON line."""
+def run_child(spec: str, args, reference: Path | None = None) -> dict:
+    """Measure one engine in a fresh interpreter and read its one JSON line; with `reference`, also its quality."""
     common = ["--threads", str(args.threads), "--repeats", str(args.repeats),
-              "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens)]
+              "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens),
+              *(["--reference", str(reference)] if reference else [])]
     if spec in PEERS:
         command = peer_command(spec, args)
         if isinstance(command, dict):
@@ -419,12 +485,28 @@ def run_child(spec: str, args) -> dict:
     else:
         command = [sys.executable, "-m", "benchmarks.run", "--child", spec, "--bundle", str(args.bundle),
                    "--provider", args.provider, *common]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         return {"engine": spec, "error": f"child exited with {done.returncode}; stdout tail: {done.stdout[-500:]!r}"}
     return json.loads(lines[-1])
+
+
+def child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def make_reference(args, folder: Path) -> Path | None:
+    """The fp32 build's logits for the quality column, made in a child (write_reference); None, with a
+    message, where it cannot be made: the figures are then measured without it."""
+    path = folder / "reference.npz"
+    command = [sys.executable, "-m", "benchmarks.run", "--write-reference", str(path), "--bundle", str(args.bundle),
+               "--threads", str(args.threads), "--prefill-tokens", str(args.prefill_tokens)]
+    done = subprocess.run(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode or not path.is_file():
+        print(f"no quality column: the fp32 reference failed ({done.returncode}): {done.stderr[-500:]}", file=sys.stderr)
+        return None
+    return path
 
 
 METRICS = ("vision_ms_per_frame", "ttft_ms", "prefill_tok_s", "decode_tok_s")
@@ -508,7 +590,9 @@ def markdown(records: list[dict], load: dict) -> str:
         vision = r.get("vision_ms_per_frame", {})
         cells = [vision.get("1"), vision.get("5"), r.get("ttft_ms"), r["prefill_tok_s"], r["decode_tok_s"],
                  r["peak_rss_mb"], r["size_mb"]]
-        lines.append(f"| {r['engine']} | {' | '.join(cell(c) for c in cells)} |")
+        q = r.get("quality")
+        agrees = f"{q['top1_pct']:.1f} % ({q['kl']:.4f})" if q else "-"
+        lines.append(f"| {r['engine']} | {' | '.join(cell(c) for c in cells)} | {agrees} |")
     first = next((r for r in records if "threads" in r), {})
     runs = f"{first.get('repeats')} run(s) after a warm-up"
     if first.get("rounds"):
@@ -516,8 +600,13 @@ def markdown(records: list[dict], load: dict) -> str:
     where = " on onnxruntime's CUDA provider and PyTorch CUDA (float16)" if first.get("provider") == "cuda" else ""
     lines += ["", f"Median (min–max) of {runs}{where}, {first.get('threads')} threads, "
               f"prefill {first.get('prefill_tokens')} tokens, decode {first.get('decode_tokens')} tokens; "
-              f"busy: {load['busy_processes']} other processes running, load {load['load_1m']}.", ""]
-    return "\n".join(lines + ratios(records)) + "\n"
+              f"busy: {load['busy_processes']} other processes running, load {load['load_1m']}."]
+    positions = next((r["quality"]["positions"] for r in records if r.get("quality")), None)
+    if positions:
+        lines.append(f"Text top-1: each engine's next-token logits, teacher-forced over the same {positions} ids of "
+                     "the reference text, against the fp32 build's (which the parity suite holds to PyTorch): how often "
+                     "the most likely token is the same, and the mean KL divergence, over the vocabulary both have.")
+    return "\n".join(lines + [""] + ratios(records)) + "\n"
 
 
 def chart(records: list[dict], path: Path) -> None:
@@ -561,7 +650,11 @@ def parse(argv=None):
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                         help="where our builds run (cuda: default precisions " + " ".join(CUDA_PRECISIONS)
                              + ", beside PyTorch CUDA eager in float16; results in bench_cuda.*; no CPU peers)")
+    parser.add_argument("--no-quality", action="store_true",
+                        help="skip the text top-1 column (the fp32 reference and one teacher-forced pass per engine)")
     parser.add_argument("--child", metavar="ENGINE", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)  # a child: also its quality against this
+    parser.add_argument("--write-reference", type=Path, help=argparse.SUPPRESS)  # a child: write the reference
     args = parser.parse_args(argv)
     args.bundle = args.bundle.resolve()  # the children run from the repository root
     return args
@@ -572,18 +665,23 @@ def main(argv=None) -> list[dict]:
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return []
+    if args.write_reference:
+        write_reference(args)
+        return []
     if args.provider != "cpu":
         refuse_on_gpu(args)
     load = busy()
     print(f"busy: {load['busy_processes']} other processes running (1-minute load {load['load_1m']})", flush=True)
     specs = engine_specs(args)
     rounds: dict[str, list[dict]] = {spec: [] for spec in specs}
-    for turn in range(args.rounds):
-        # Forward, then backward, ...: a machine that drifts over minutes then weighs on every engine alike.
-        for spec in specs if turn % 2 == 0 else specs[::-1]:
-            record = {**run_child(spec, args), **load}
-            rounds[spec].append(record)
-            print(json.dumps(record), flush=True)
+    with tempfile.TemporaryDirectory(prefix="smolvlm-bench-") as scratch:
+        reference = None if args.no_quality else make_reference(args, Path(scratch))
+        for turn in range(args.rounds):
+            # Forward, then backward, ...: a machine that drifts over minutes then weighs on every engine alike.
+            for spec in specs if turn % 2 == 0 else specs[::-1]:
+                record = {**run_child(spec, args, reference if turn == 0 else None), **load}
+                rounds[spec].append(record)
+                print(json.dumps(record), flush=True)
     records = [merge_rounds(rounds[spec]) for spec in specs]
     table = markdown(records, load)
     print(table)

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,11 +30,35 @@ def test_bench_smoke(tiny_bundles, tmp_path):
         assert record["peak_rss_mb"] > 0 and record["size_mb"] > 0, record
         assert record["rounds"] == 2 and record["decode_tok_s"]["min"] <= record["decode_tok_s"]["median"], record
     assert records["ort:fp32"]["precision"] == "fp32" and "onnxruntime" in records["ort:fp32"]["versions"]
+    # the quality column: the fp32 build against its own reference exactly, PyTorch within the parity tolerance
+    assert records["ort:fp32"]["quality"] == {"top1_pct": 100.0, "kl": 0.0, "positions": 16}, records["ort:fp32"]
+    assert records["torch"]["quality"]["top1_pct"] >= 90 and records["torch"]["quality"]["kl"] < 1e-3, records["torch"]
     table = (out / "bench.md").read_text()
     assert "| engine | vision ms/frame (1 frame) | vision ms/frame (5 frames) | TTFT ms | prefill tok/s | decode tok/s" in table
+    assert "| 100.0 % (0.0000) |" in table and "teacher-forced over the same 16 ids" in table
     assert "ort:fp32 decode / torch decode" in table and "2 rounds (engines in alternating order)" in table
     with Image.open(out / "bench.png") as image:
         assert image.size[0] > 0 and image.size[1] > 0
+
+
+def test_agreement_compares_over_the_shared_vocabulary():
+    """Top-1 and KL over the vocabulary both sides have (the bundle's is the text model's plus image tokens)."""
+    import numpy as np
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.run import agreement
+
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((6, 12)).astype(np.float32)
+    extra = np.concatenate([reference, np.full((6, 3), 50.0, np.float32)], axis=1)  # image tokens that would win
+    assert agreement(reference[:, :10], extra) == {"top1_pct": 100.0, "kl": 0.0, "positions": 6}
+    flipped = reference[:, :10].copy()
+    flipped[0] = -flipped[0]  # one position's ranking reversed: its top-1 differs, its KL is positive
+    result = agreement(flipped, reference)
+    assert result["top1_pct"] == round(100 * 5 / 6, 1) and result["kl"] > 0
+    with pytest.raises(ValueError, match="logits for 5 positions, the reference has 6"):
+        agreement(reference[:5], reference)
 
 
 def test_peers_can_be_named(tiny_bundles):
@@ -128,7 +154,6 @@ def test_move_off_grid_keeps_the_tie_and_stays_within_half_a_step(tiny_bundles, 
 def test_gpu_mode_refuses_what_it_cannot_run_before_any_child(tiny_bundles, tmp_path):
     """`--provider cuda`: a provider this onnxruntime lacks, or the CPU peers, stop the run with one clear line."""
     import onnxruntime as ort
-    import pytest
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))

@@ -12,7 +12,7 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.run import peak_rss_mb, repeated, spread, text_ids
+from benchmarks.run import peak_rss_mb, quality, repeated, spread, text_ids
 
 
 def parse(description: str) -> argparse.Namespace:
@@ -22,6 +22,7 @@ def parse(description: str) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--reference", type=Path, help="also the text quality against this reference (benchmarks.run)")
     return parser.parse_args()
 
 
@@ -53,5 +54,9 @@ def record(engine: str, precision: str, args, packages: tuple[str, ...], figures
             **figures, "peak_rss_mb": peak_rss_mb(), "size_mb": size_mb(args.model) if size is None else size}
 
 
-def emit(rec: dict) -> None:
+def emit(rec: dict, engine=None, args=None) -> None:
+    """Print the record; with `--reference`, first add `engine`'s quality (measured after the record's peak RSS:
+    every position's logits take memory that generation never needs)."""
+    if engine is not None and args.reference:
+        rec["quality"] = quality(engine, args.reference)
     print(json.dumps(rec), flush=True)

@@ -35,13 +35,21 @@ class GenaiEngine:
             generator.generate_next_token()
         return t1 - t0, time.perf_counter() - t1
 
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Every position's logits of one prefill (the builder's graph computes them all)."""
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=ids.shape[1] + 1, do_sample=False)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids.astype(np.int32))
+        return np.asarray(generator.get_output("logits"))[0]
+
 
 def main() -> None:
     args = parse(__doc__)
     engine = GenaiEngine(args.model, args.threads)
     precision = args.model.name.rsplit("-", 1)[-1]  # out/peers/genai-int4
     emit(record(f"genai:{precision}", precision, args, ("onnxruntime-genai", "onnxruntime"), text_figures(engine, args),
-                size=size_mb(args.model, "*.onnx*")))
+                size=size_mb(args.model, "*.onnx*")), engine, args)
 
 
 if __name__ == "__main__":

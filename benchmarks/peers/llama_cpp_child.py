@@ -11,7 +11,7 @@ from benchmarks.run import LlamaCppEngine
 def main() -> None:
     args = parse(__doc__)
     engine = LlamaCppEngine(args.model, args.threads)
-    emit(record("llama.cpp", args.model.name, args, ("llama_cpp_python", "numpy"), text_figures(engine, args)))
+    emit(record("llama.cpp", args.model.name, args, ("llama_cpp_python", "numpy"), text_figures(engine, args)), engine, args)
 
 
 if __name__ == "__main__":

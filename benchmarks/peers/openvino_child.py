@@ -47,6 +47,12 @@ class OpenVinoEngine:
                          past_key_values=((),))
             return t1 - t0, time.perf_counter() - t1
 
+    def logits(self, ids):
+        """Every position's logits of one prefill from a fresh state."""
+        with torch.inference_mode():
+            out = self.lm(input_ids=torch.from_numpy(ids), attention_mask=torch.ones((1, ids.shape[1]), dtype=torch.long))
+            return out.logits[0].float().numpy()
+
 
 def main() -> None:
     args = parse(__doc__)
@@ -59,7 +65,7 @@ def main() -> None:
                  size=size_mb(args.model, "openvino_*_model.*"))
     # the CPU plugin computes in bf16 where the CPU has it, unless told INFERENCE_PRECISION_HINT=f32
     rec["inference_precision"] = engine.lm.request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT").to_string()
-    emit(rec)
+    emit(rec, engine, args)
 
 
 if __name__ == "__main__":
