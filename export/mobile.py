@@ -1,7 +1,7 @@
 """One-file SmolVLM for apps: image preprocessing, vision, embeddings and the whole greedy loop in one ONNX graph.
 
 `build_mobile_model(bundle_dir, output)` writes one .onnx file (weights inside; above ~1.9 GiB in
-`<output>.data` beside it) that an app runs with one `session.run` on stock onnxruntime (CPU EP: the
+`<output>.<build>.data` beside it, `weights_files(output)`) that an app runs with one `session.run` on stock onnxruntime (CPU EP: the
 fused graphs' com.microsoft ops need it; a bundle exported with `--attention plain` gives a file of
 ai.onnx ops only):
 
@@ -53,6 +53,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -76,10 +77,10 @@ from smolvlm_edge.runtime.prompt import TextProcessor
 __all__ = [
     "CONTRIB_DOMAIN", "CONTROL_WHITESPACE", "EXTERNAL_DATA_THRESHOLD", "METADATA_KEY", "TOKENIZER_OPS", "TOKENIZER_SAMPLES",
     "build_mobile_model", "build_preprocess_model", "check_inputs", "check_question", "mobile_answer", "model_info",
-    "open_mobile_session", "prompt_pieces", "run_mobile_model", "tokenizer_probe",
+    "open_mobile_session", "prompt_pieces", "run_mobile_model", "tokenizer_probe", "weights_files",
 ]
 
-EXTERNAL_DATA_THRESHOLD = int(1.9 * 2**30)  # protobuf cannot hold 2 GiB: above this, weights go to `<output>.data`
+EXTERNAL_DATA_THRESHOLD = int(1.9 * 2**30)  # protobuf cannot hold 2 GiB: above this, weights go to a file beside it
 
 
 # ---------------------------------------------------------------- prompt constants
@@ -321,12 +322,12 @@ def build_mobile_model(
             file.unlink()
         if stale:
             say(f"removed {', '.join(f.name for f in stale)}: converted from the {final.name} this build replaces")
-        data = staged.with_name(staged.name + ".data")
-        if data.exists():  # the weights first: the graph that names them lands last
+        # The weights under a name of their own first, then the graph that names them, in one rename: until
+        # then the previous graph still reads its own weights file, after it the new graph reads the new one.
+        for data in weights_files(staged):
             os.replace(data, final.with_name(data.name))
-        else:
-            final.with_name(data.name).unlink(missing_ok=True)  # an older build's weights file
         os.replace(staged, final)
+        _remove_unread_weights(final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"wrote {final} ({summary})")
@@ -356,19 +357,46 @@ def _count_nodes(graph) -> int:
     return sum(1 for _ in all_nodes(graph))
 
 
+def weights_files(model_path: str | Path) -> list[Path]:
+    """The external weights files a mobile .onnx names (none when its weights are inside), beside it."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                yield from ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+                for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    yield from tensors(sub)
+
+    path = Path(model_path)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {ExternalDataInfo(t).location for t in tensors(graph) if uses_external_data(t)}
+    return sorted(path.with_name(name) for name in names)
+
+
+def _remove_unread_weights(final: Path) -> None:
+    """Weights files of earlier builds of `final` (`<name>.data`, `<name>.<build>.data`) its graph no longer reads."""
+    kept = set(weights_files(final))
+    for old in [final.with_name(final.name + ".data"), *final.parent.glob(f"{final.name}.*.data")]:
+        if old.is_file() and old not in kept:
+            old.unlink()
+
+
 def _save(model, path: Path, weight_bytes: int) -> Path:
-    """Weights inside the file, or in `<name>.data` beside it above ~1.9 GiB (into the staging folder)."""
+    """Weights inside the file, or above ~1.9 GiB in `<name>.<build>.data` beside it (into the staging folder):
+    a name no earlier build used, so the previous graph's weights stay in place until the new graph replaces it."""
     import onnx
 
-    data = path.with_name(path.name + ".data")
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        data = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.data")
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
+        default_file_mode(data)  # onnx writes external data 0600
     else:
         onnx.save_model(model, str(path))
-    for written in (path, data):
-        if written.exists():
-            default_file_mode(written)  # onnx writes external data 0600
+    default_file_mode(path)
     # The ONNX checker refuses onnxruntime's SimplifiedLayerNormalization (an ai.onnx-domain name it does
     # not know) inside the Loop body; onnxruntime itself is the check (build_mobile_model loads the file).
     return path

@@ -392,12 +392,12 @@ def run_mobile_command(args, out=None) -> int:
         raise SmolVLMEdgeError(f"--output must name an .onnx file, got {output} (--format ort adds the .ort beside it)")
     _require_onnx("mobile")
     options = parse_provider_options(args.provider_option)
-    from smolvlm_edge.export.mobile import build_mobile_model
+    from smolvlm_edge.export.mobile import build_mobile_model, weights_files
 
     path = build_mobile_model(bundle.path, output, precision=args.precision, max_new_tokens=args.max_new_tokens,
                               with_tokenizer=args.with_tokenizer, tokenizer_op=args.tokenizer_op,
                               progress=lambda line: print(line, file=out))
-    written = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]
+    written = [path, *weights_files(path)]
     model = path
     if args.format == "ort":
         import onnxruntime as ort

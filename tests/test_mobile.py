@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_stops_after_the_first_stop_token_and_includes_it(bundle, fp32_model, tm
 
 
 def test_q4_tokens_equal_the_runtime_and_external_data(bundle, tmp_path, monkeypatch):
-    """q4 graphs (quantize_bundle on a copy); the weights written to `<name>.data`, as models over 2 GB are."""
+    """q4 graphs (quantize_bundle on a copy); the weights written to a file beside it, as models over 2 GB are."""
     from smolvlm_edge.quantize.build import quantize_bundle
 
     copy = tmp_path / "bundle"
@@ -137,7 +138,9 @@ def test_q4_tokens_equal_the_runtime_and_external_data(bundle, tmp_path, monkeyp
     quantize_bundle(copy, "q4", options={"accuracy_level": 0}, progress=lambda _line: None)
     monkeypatch.setattr(mobile, "EXTERNAL_DATA_THRESHOLD", 0)
     path = mobile.build_mobile_model(copy, tmp_path / "q4.onnx", precision="q4", max_new_tokens=NEW_TOKENS)
-    assert (tmp_path / "q4.onnx.data").stat().st_size > 100_000
+    [data] = mobile.weights_files(path)
+    assert data.name.startswith("q4.onnx.") and data.name.endswith(".data") and data.stat().st_size > 100_000
+    assert sorted(p.name for p in tmp_path.glob("q4.onnx*")) == sorted(["q4.onnx", data.name])
     assert mobile.model_info(mobile.open_mobile_session(path))["precision"]["decoder_model_merged"] == "q4"
     vlm = SmolVLM(copy, precision="q4")
     session = mobile.open_mobile_session(path)
@@ -162,6 +165,36 @@ def test_a_failed_rebuild_keeps_the_previous_file_and_leaves_nothing_else(bundle
         mobile.build_mobile_model(bundle, path, max_new_tokens=NEW_TOKENS + 1)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_rebuild_with_external_weights_switches_graph_and_weights_together(bundle, tiny_bundles, tmp_path,
+                                                                             monkeypatch):
+    """Each build's weights file has a name of its own: a rebuild (here from the standard-ops bundle, whose
+    weights file is laid out otherwise) stopped after its weights are in place but before the graph (the last
+    rename) leaves the previous graph reading its own weights; a finished one leaves one weights file."""
+    plain = tiny_bundles("256m", "plain")
+    monkeypatch.setattr(mobile, "EXTERNAL_DATA_THRESHOLD", 0)
+    path = mobile.build_mobile_model(bundle, tmp_path / "m.onnx", max_new_tokens=NEW_TOKENS)
+    [first] = mobile.weights_files(path)
+    image, ids = np.asarray(make_image(40, 30, seed=3)), runtime_ids(SmolVLM(bundle), make_image(40, 30, seed=3))[0]
+    want = mobile.run_mobile_model(path, image, ids)
+    replace = os.replace
+
+    def stop_at_the_graph(src, dst):
+        if Path(dst) == path:
+            raise KeyboardInterrupt("stopped before the graph's rename")
+        replace(src, dst)
+
+    monkeypatch.setattr(mobile.os, "replace", stop_at_the_graph)
+    with pytest.raises(KeyboardInterrupt):
+        mobile.build_mobile_model(plain, path, max_new_tokens=NEW_TOKENS + 1)
+    assert mobile.weights_files(path) == [first] and first.is_file()
+    assert mobile.run_mobile_model(path, image, ids) == want  # the previous graph with its own weights
+    monkeypatch.setattr(mobile.os, "replace", replace)
+    mobile.build_mobile_model(plain, path, max_new_tokens=NEW_TOKENS + 1)
+    [second] = mobile.weights_files(path)
+    assert second != first and sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", second.name])
+    assert mobile.model_info(mobile.open_mobile_session(path))["max_new_tokens"] == NEW_TOKENS + 1
 
 
 def golden_case(vlm: SmolVLM) -> dict:
