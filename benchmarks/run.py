@@ -384,11 +384,15 @@ def child(args) -> dict:
     return record
 
 
+# The quality column's positions: the prefill's ids, at most this many (each engine holds [n, vocab] float32 logits).
+QUALITY_TOKENS = 512
+
+
 def write_reference(args) -> None:
     """The reference the quality column compares with: the fp32 build's teacher-forced logits over the prefill's
-    ids (the first `--prefill-tokens` of the reference text), in an .npz (ids [1, n], logits [n, V])."""
+    ids (the first min(`--prefill-tokens`, QUALITY_TOKENS) of the reference text), in an .npz (ids [1, n], logits [n, V])."""
     engine = OrtTextEngine(args.bundle, "fp32", args.threads)
-    ids = text_ids(engine.encode, args.prefill_tokens)
+    ids = text_ids(engine.encode, min(args.prefill_tokens, QUALITY_TOKENS))
     with open(args.write_reference, "wb") as f:
         np.savez(f, ids=ids, logits=engine.logits(ids))
 
