@@ -24,6 +24,7 @@ Speed means little without the quality it comes at, and the peers quantize the s
 way, so each engine also reports its text top-1: after its timings and peak RSS, one teacher-forced pass
 over the prefill's ids, compared with the fp32 build's logits (made once per run in a child): how often
 the next-token argmax agrees, and the mean KL divergence (`--no-quality` skips it).
+
 Prints one JSON record per engine and a Markdown table with ratios; writes bench.jsonl, bench.md
 and bench.png under `--out`.
 """
@@ -109,9 +110,13 @@ def agreement(logits: np.ndarray, reference: np.ndarray) -> dict:
 
 
 def quality(engine, reference: Path) -> dict:
-    """`engine.logits(ids)` on the reference file's ids, against its logits (write_reference)."""
+    """`engine.logits(ids)` on the reference file's ids, against its logits (write_reference); where that fails,
+    {"error": why}: the engine's speed figures are kept either way."""
     saved = np.load(reference)
-    return agreement(np.asarray(engine.logits(saved["ids"]), dtype=np.float32), saved["logits"])
+    try:
+        return agreement(np.asarray(engine.logits(saved["ids"]), dtype=np.float32), saved["logits"])
+    except Exception as exc:  # noqa: BLE001 - any engine's failure, reported in its record
+        return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
 
 
 # ---------------------------------------------------------------- engines (in the child)
@@ -594,8 +599,8 @@ def markdown(records: list[dict], load: dict) -> str:
         vision = r.get("vision_ms_per_frame", {})
         cells = [vision.get("1"), vision.get("5"), r.get("ttft_ms"), r["prefill_tok_s"], r["decode_tok_s"],
                  r["peak_rss_mb"], r["size_mb"]]
-        q = r.get("quality")
-        agrees = f"{q['top1_pct']:.1f} % ({q['kl']:.4f})" if q else "-"
+        q = r.get("quality") or {}
+        agrees = f"{q['top1_pct']:.1f} % ({q['kl']:.4f})" if "top1_pct" in q else q.get("error", "-")
         lines.append(f"| {r['engine']} | {' | '.join(cell(c) for c in cells)} | {agrees} |")
     first = next((r for r in records if "threads" in r), {})
     runs = f"{first.get('repeats')} run(s) after a warm-up"
@@ -605,7 +610,7 @@ def markdown(records: list[dict], load: dict) -> str:
     lines += ["", f"Median (min–max) of {runs}{where}, {first.get('threads')} threads, "
               f"prefill {first.get('prefill_tokens')} tokens, decode {first.get('decode_tokens')} tokens; "
               f"busy: {load['busy_processes']} other processes running, load {load['load_1m']}."]
-    positions = next((r["quality"]["positions"] for r in records if r.get("quality")), None)
+    positions = next((r["quality"]["positions"] for r in records if "positions" in r.get("quality", {})), None)
     if positions:
         lines.append(f"Text top-1: each engine's next-token logits, teacher-forced over the same {positions} ids of "
                      "the reference text, against the fp32 build's (which the parity suite holds to PyTorch): how often "

@@ -61,6 +61,28 @@ def test_agreement_compares_over_the_shared_vocabulary():
         agreement(reference[:5], reference)
 
 
+def test_a_failing_quality_pass_is_reported_and_keeps_the_figures(tmp_path):
+    """An engine whose teacher-forced pass fails gets {"error": ...} in its record, and the table says why."""
+    import numpy as np
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, ids=np.zeros((1, 4), np.int64), logits=np.zeros((4, 8), np.float32))
+
+    class Broken:
+        def logits(self, ids):
+            raise RuntimeError("context too small")
+
+    assert run.quality(Broken(), reference) == {"error": "RuntimeError: context too small"}
+    record = {"engine": "llama.cpp", "prefill_tok_s": 1.0, "decode_tok_s": 2.0, "peak_rss_mb": 3.0, "size_mb": 4.0,
+              "threads": 2, "repeats": 1, "quality": run.quality(Broken(), reference)}
+    table = run.markdown([record], {"busy_processes": 0, "load_1m": 0.0})
+    assert "| llama.cpp | - | - | - | 1.0 | 2.0 | 3.0 | 4.0 | RuntimeError: context too small |" in table
+
+
 def test_peers_can_be_named(tiny_bundles):
     """`--peers` alone runs every peer, `--peers NAME ...` only those, no flag none (llama.cpp with --llama-cpp)."""
     if str(ROOT) not in sys.path:
