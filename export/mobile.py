@@ -49,6 +49,7 @@ Modules, one job each (every public name is importable from here):
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -308,7 +309,7 @@ def build_mobile_model(
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))  # same disk: renames
     try:
-        staged = _save(model, staging / final.name, weights.nbytes)
+        staged, data = staging / final.name, _save(model, staging / final.name, weights.nbytes)
         del model, graph, models, weights  # the weights once in memory while onnxruntime loads the file
         if verify:
             try:
@@ -324,10 +325,13 @@ def build_mobile_model(
             say(f"removed {', '.join(f.name for f in stale)}: converted from the {final.name} this build replaces")
         # The weights under a name of their own first, then the graph that names them, in one rename: until
         # then the previous graph still reads its own weights file, after it the new graph reads the new one.
-        for data in weights_files(staged):
-            os.replace(data, final.with_name(data.name))
+        kept = None if data is None else final.with_name(data.name)
+        if data is not None:
+            os.replace(data, kept)
         os.replace(staged, final)
-        _remove_unread_weights(final)
+        for old in weights_files(final):  # earlier builds' weights, which no graph reads now
+            if old != kept:
+                old.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"wrote {final} ({summary})")
@@ -358,37 +362,20 @@ def _count_nodes(graph) -> int:
 
 
 def weights_files(model_path: str | Path) -> list[Path]:
-    """The external weights files a mobile .onnx names (none when its weights are inside), beside it."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    def tensors(graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attribute in node.attribute:
-                yield from ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
-                for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                    yield from tensors(sub)
-
+    """The weights files beside a mobile .onnx (`<name>.<build>.data`; an older build's `<name>.data`): a
+    finished build leaves the one its graph reads, or none when the weights are inside the graph."""
     path = Path(model_path)
-    graph = onnx.load(str(path), load_external_data=False).graph
-    names = {ExternalDataInfo(t).location for t in tensors(graph) if uses_external_data(t)}
-    return sorted(path.with_name(name) for name in names)
+    found = [path.with_name(path.name + ".data"), *path.parent.glob(f"{glob.escape(path.name)}.*.data")]
+    return sorted(f for f in found if f.is_file())
 
 
-def _remove_unread_weights(final: Path) -> None:
-    """Weights files of earlier builds of `final` (`<name>.data`, `<name>.<build>.data`) its graph no longer reads."""
-    kept = set(weights_files(final))
-    for old in [final.with_name(final.name + ".data"), *final.parent.glob(f"{final.name}.*.data")]:
-        if old.is_file() and old not in kept:
-            old.unlink()
-
-
-def _save(model, path: Path, weight_bytes: int) -> Path:
-    """Weights inside the file, or above ~1.9 GiB in `<name>.<build>.data` beside it (into the staging folder):
-    a name no earlier build used, so the previous graph's weights stay in place until the new graph replaces it."""
+def _save(model, path: Path, weight_bytes: int) -> Path | None:
+    """Write `path` (into the staging folder) with the weights inside, or above ~1.9 GiB in `<name>.<build>.data`
+    beside it, a name no earlier build used (the previous graph's weights stay until the new graph replaces
+    it); returns that weights file, or None."""
     import onnx
 
+    data = None
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
         data = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.data")
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -399,4 +386,4 @@ def _save(model, path: Path, weight_bytes: int) -> Path:
     default_file_mode(path)
     # The ONNX checker refuses onnxruntime's SimplifiedLayerNormalization (an ai.onnx-domain name it does
     # not know) inside the Loop body; onnxruntime itself is the check (build_mobile_model loads the file).
-    return path
+    return data
