@@ -1,9 +1,9 @@
 """One-file SmolVLM for apps: image preprocessing, vision, embeddings and the whole greedy loop in one ONNX graph.
 
 `build_mobile_model(bundle_dir, output)` writes one .onnx file (weights inside; above ~1.9 GiB in
-`<output>.<build>.data` beside it, `weights_files(output)`) that an app runs with one `session.run` on stock onnxruntime (CPU EP: the
-fused graphs' com.microsoft ops need it; a bundle exported with `--attention plain` gives a file of
-ai.onnx ops only):
+`<output>.<build>.data` beside it, `weights_files(output)`) that an app runs with one `session.run` on
+stock onnxruntime (CPU EP: the fused graphs' com.microsoft ops need it; a bundle exported with
+`--attention plain` gives a file of ai.onnx ops only):
 
     inputs   image           uint8 [height, width, 3]  RGB, any size: EXIF rotation applied and alpha
                              composited on white by the app (what load_image/to_rgb do here)
