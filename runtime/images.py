@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ MAX_IMAGE_PIXELS = 89_478_485
 _MAX_RESIZED_SIDE = 4096
 
 
-# Resizes touching at least this many pixels (input + first output) run each colour band in a thread of its own.
+# Resizes touching at least this many pixels (input + first output) run in threads (column strips or colour bands).
 _BANDS_IN_THREADS_PIXELS = 1_000_000
 
 
@@ -122,15 +123,19 @@ def resize_bands(image: Image.Image, size: tuple[int, int], resample: int) -> Im
 
 def resize_chain(image: Image.Image, sizes: list[tuple[int, int]], resample: int) -> Image.Image:
     """`image.resize(sizes[0], resample).resize(sizes[1], resample)...`, the same pixels, sooner for big
-    images: Pillow resamples each band of an 8-bit image with the same coefficients and integer arithmetic,
-    independently of the others, and releases the GIL meanwhile, so R, G and B each go through the whole
-    chain in a thread of their own (SmolVLM's 512 -> 2048 -> 512 frame: 68 -> 52 ms on two cores, where
-    one resize at a time in bands gained nothing). Small images and other modes resize in one call each."""
+    images, in threads (Pillow releases the GIL while it resamples): in column strips where that is exact
+    (column_strips_are_exact; SmolVLM's 512 -> 2048 -> 512 frame: 71 -> 38 ms on two cores), else each
+    colour band through the whole chain in a thread of its own (Pillow resamples each band of an 8-bit
+    image with the same coefficients and integer arithmetic, independently of the others: 71 -> 52 ms).
+    Small images and other modes resize in one call each."""
     pixels = image.width * image.height + sizes[0][0] * sizes[0][1]
     if image.mode != "RGB" or pixels < _BANDS_IN_THREADS_PIXELS:
         for size in sizes:
             image = image.resize(size, resample=resample)
         return image
+    strips = max(2, min(os.cpu_count() or 2, _POOL_THREADS))
+    if column_strips_are_exact(image.size, sizes, resample, strips):
+        return _in_column_strips(image, sizes, resample, strips)
 
     def through_chain(band: Image.Image) -> Image.Image:
         for size in sizes:
@@ -140,6 +145,76 @@ def resize_chain(image: Image.Image, sizes: list[tuple[int, int]], resample: int
     return Image.merge("RGB", list(_band_pool().map(through_chain, image.split())))
 
 
+# Pillow's resampling filters and their support (Resample.c); other filters resize in bands.
+_FILTER_SUPPORT = {Image.Resampling.LANCZOS: 3.0, Image.Resampling.BICUBIC: 2.0, Image.Resampling.BILINEAR: 1.0,
+                   Image.Resampling.HAMMING: 1.0, Image.Resampling.BOX: 0.5}
+
+
+def _window(in_size: int, out_size: int, index: int, resample: int) -> tuple[int, int]:
+    """The input span [first, end) Pillow's precompute_coeffs gives output `index` of a full-size resize."""
+    scale = in_size / out_size
+    support = _FILTER_SUPPORT[resample] * max(scale, 1.0)
+    center = (index + 0.5) * scale
+    return max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+
+
+def column_strips_are_exact(size: tuple[int, int], sizes: list[tuple[int, int]], resample: int, strips: int) -> bool:
+    """Whether resizing column strips (_in_column_strips) gives the whole image's pixels, bit for bit.
+
+    A strip runs each resize as Pillow's two passes, one call each: horizontal (`resize(box=...)` over its
+    columns, every row), then vertical. The whole image's resize must run them in that order too: Pillow up
+    to 12 always does; Pillow 13 goes vertically first when the height shrinks much more than the width
+    (python-pillow/Pillow#9549; measured: when it loses more than about twice as many rows as columns), so
+    a resize that shrinks the height by more than 1.9x the columns it loses takes the band path instead.
+    The horizontal pass centres output column x on in0 + (x + 0.5) * scale with the box's in0 passed as a
+    C float: a strip has the whole image's coefficients when every width scale is a short binary fraction
+    (every centre, box edge and tap offset is then exact in float32 and double)."""
+    if resample not in _FILTER_SUPPORT:
+        return False
+    for (in_w, in_h), (out_w, out_h) in zip([size, *sizes[:-1]], sizes):
+        denominator = Fraction(in_w, out_w).denominator
+        short = denominator & (denominator - 1) == 0 and denominator <= 2**10 and max(in_w, out_w) < 2**12  # exact
+        lost_rows, lost_columns = in_h - out_h, in_w - out_w
+        both_passes = in_w != out_w and in_h != out_h
+        if not short or out_w < 8 * strips or (both_passes and lost_rows > 0 and lost_rows >= 1.9 * lost_columns):
+            return False
+    return True
+
+
+def _in_column_strips(image: Image.Image, sizes: list[tuple[int, int]], resample: int, strips: int) -> Image.Image:
+    """resize_chain in `strips` column strips, each in a thread: every resize of a strip reads only the
+    columns its output needs (each resize's window, traced back from the last one's output columns)."""
+    steps = list(zip([image.size, *sizes[:-1]], sizes))
+    out_w = sizes[-1][0]
+    cuts = [round(out_w * k / strips) for k in range(strips + 1)]
+
+    def strip(first: int, end: int) -> Image.Image:
+        spans = [(first, end)]  # the output columns each resize must give, from the last resize back
+        for (in_w, _), (w, _) in reversed(steps[1:]):
+            lo, hi = spans[-1]
+            spans.append((lo, hi) if in_w == w else
+                         (_window(in_w, w, lo, resample)[0], _window(in_w, w, hi - 1, resample)[1]))
+        part, offset = image, 0  # `part` holds columns [offset, offset + part.width) of the previous image
+        for ((in_w, _), (w, h)), (lo, hi) in zip(steps, reversed(spans)):
+            if in_w == w:
+                part = part.crop((lo - offset, 0, hi - offset, part.height))
+            else:
+                scale = in_w / w
+                part = part.resize((hi - lo, part.height), resample=resample,
+                                   box=(lo * scale - offset, 0, hi * scale - offset, part.height))
+            if h != part.height:
+                part = part.resize((hi - lo, h), resample=resample)
+            offset = lo
+        return part
+
+    parts = list(_band_pool().map(lambda k: strip(cuts[k], cuts[k + 1]), range(strips)))
+    out = Image.new("RGB", sizes[-1])
+    for first, part in zip(cuts, parts):
+        out.paste(part, (first, 0))
+    return out
+
+
+_POOL_THREADS = 3
 _POOL: tuple | None = None  # (pid that made it, executor)
 
 
@@ -150,7 +225,7 @@ def _band_pool():
     if _POOL is None or _POOL[0] != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=3, thread_name_prefix="smolvlm-resize"))
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="smolvlm-resize"))
     return _POOL[1]
 
 

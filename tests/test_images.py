@@ -377,6 +377,37 @@ def test_a_chain_of_resizes_in_band_threads_gives_pillows_pixels(src, sizes):
         np.testing.assert_array_equal(np.asarray(rt.resize_chain(image, sizes, resample)), np.asarray(want))
 
 
+@pytest.mark.parametrize("src,sizes", [((512, 512), [(2048, 2048), (512, 512)]), ((800, 600), [(2048, 1536), (512, 512)]),
+                                       ((600, 800), [(1536, 2048), (512, 512)]), ((1000, 333), [(2048, 682), (512, 512)]),
+                                       ((640, 480), [(2048, 1536), (2048, 1536), (512, 512)]),
+                                       ((1664, 660), [(2048, 812), (1024, 1024)])])
+def test_column_strips_give_pillows_pixels(src, sizes):
+    """The frame chains SmolVLM's processor makes (longest edge 2048, then a 512 frame or tiles) run in column
+    strips, and every filter gives Pillow's pixels, whatever the number of strips."""
+    image = _picture(*src, seed=src[0] + 1)
+    for resample in (Image.Resampling.LANCZOS, Image.Resampling.BICUBIC, Image.Resampling.BILINEAR,
+                     Image.Resampling.HAMMING, Image.Resampling.BOX):
+        want = image
+        for size in sizes:
+            want = want.resize(size, resample=resample)
+        for strips in (2, 3, 4):
+            assert rt.column_strips_are_exact(image.size, sizes, resample, strips)
+            np.testing.assert_array_equal(np.asarray(rt._in_column_strips(image, sizes, resample, strips)), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(rt.resize_chain(image, sizes, resample)), np.asarray(want))
+
+
+def test_column_strips_are_refused_where_they_could_differ():
+    """Width scales that are not short binary fractions (a strip's box edges would round), Pillow 13's
+    vertical-first resizes (the height loses far more rows than the width columns), and NEAREST."""
+    lanczos = Image.Resampling.LANCZOS
+    assert not rt.column_strips_are_exact((700, 700), [(1536, 1536), (512, 512)], lanczos, 2)  # 700/1536, 3
+    assert not rt.column_strips_are_exact((1024, 1024), [(512, 2048), (256, 256)], lanczos, 2)  # 1792 rows vs 256 columns
+    assert not rt.column_strips_are_exact((512, 512), [(2048, 2048)], Image.Resampling.NEAREST, 2)
+    image = _picture(1024, 1024, seed=9)  # the refused vertical-first chain still gives Pillow's pixels (in bands)
+    want = image.resize((512, 2048), resample=lanczos).resize((256, 256), resample=lanczos)
+    np.testing.assert_array_equal(np.asarray(rt.resize_chain(image, [(512, 2048), (256, 256)], lanczos)), np.asarray(want))
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
 def test_band_threads_work_in_a_forked_child():
     """A child forked after the parent used the band threads makes its own (the parent's are not there)."""
