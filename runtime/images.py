@@ -13,7 +13,6 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +171,7 @@ def column_strips_are_exact(size: tuple[int, int], sizes: list[tuple[int, int]],
     if resample not in _FILTER_SUPPORT:
         return False
     for (in_w, in_h), (out_w, out_h) in zip([size, *sizes[:-1]], sizes):
-        denominator = Fraction(in_w, out_w).denominator
+        denominator = out_w // math.gcd(in_w, out_w)  # of the width scale in_w / out_w, in lowest terms
         short = denominator & (denominator - 1) == 0 and denominator <= 2**10 and max(in_w, out_w) < 2**12  # exact
         lost_rows, lost_columns = in_h - out_h, in_w - out_w
         both_passes = in_w != out_w and in_h != out_h
