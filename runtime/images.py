@@ -164,7 +164,7 @@ def column_strips_are_exact(size: tuple[int, int], sizes: list[tuple[int, int]],
     columns, every row), then vertical. The whole image's resize must run them in that order too: Pillow up
     to 12 always does; Pillow 13 goes vertically first when the height shrinks much more than the width
     (python-pillow/Pillow#9549; measured: when it loses more than about twice as many rows as columns), so
-    a resize that shrinks the height by more than 1.9x the columns it loses takes the band path instead.
+    a resize whose height loses 1.9x as many rows as its width loses columns, or more, takes the band path.
     The horizontal pass centres output column x on in0 + (x + 0.5) * scale with the box's in0 passed as a
     C float: a strip has the whole image's coefficients when every width scale is a short binary fraction
     (every centre, box edge and tap offset is then exact in float32 and double)."""
