@@ -24,10 +24,11 @@ import numpy as np
 
 from smolvlm_edge.export.mobile_nodes import _Nodes
 from smolvlm_edge.runtime.errors import ExportError
-from smolvlm_edge.runtime.images import ImageConfig
+from smolvlm_edge.runtime.images import FILTER_SUPPORT, ImageConfig
 
 _PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images (32 - 8 - 2)
-_FILTERS = {1: ("lanczos", 3.0), 2: ("bilinear", 1.0), 3: ("bicubic", 2.0), 4: ("box", 0.5), 5: ("hamming", 1.0)}
+_FILTERS = {number: (name, FILTER_SUPPORT[number])
+            for number, name in ((1, "lanczos"), (2, "bilinear"), (3, "bicubic"), (4, "box"), (5, "hamming"))}
 _MAX_SIDE = 4096  # transformers' cap on a resized side; fit_longest_edge never reaches it when longest_edge <= this
 
 
@@ -121,8 +122,8 @@ def _resample(b: _Nodes, x: str, out_size: str, coefficients: tuple[str, str, st
 
 def _resize(b: _Nodes, x: str, in_h: str, in_w: str, out_h: str, out_w: str, filt: str, support: float) -> str:
     """Pillow 13's `ImagingResampleInner`: the height pass first when the height shrinks by more than
-    twice what the width shrinks (`in_h > out_h and in_h - out_h > 2 * (in_w - out_w)`), else the
-    width pass first. The order changes the rounding between passes, so it is an If here."""
+    twice what the width shrinks (runtime.images.height_pass_first, as graph ops), else the width pass
+    first. The order changes the rounding between passes, so it is an If here."""
     from onnx import TensorProto as TP
     from onnx import helper
 

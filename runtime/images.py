@@ -144,15 +144,23 @@ def resize_chain(image: Image.Image, sizes: list[tuple[int, int]], resample: int
     return Image.merge("RGB", list(_band_pool().map(through_chain, image.split())))
 
 
-# Pillow's resampling filters and their support (Resample.c); other filters resize in bands.
-_FILTER_SUPPORT = {Image.Resampling.LANCZOS: 3.0, Image.Resampling.BICUBIC: 2.0, Image.Resampling.BILINEAR: 1.0,
-                   Image.Resampling.HAMMING: 1.0, Image.Resampling.BOX: 0.5}
+# Pillow's resampling filters (PIL.Image.Resampling values) and their support (libImaging/Resample.c).
+FILTER_SUPPORT = {Image.Resampling.LANCZOS: 3.0, Image.Resampling.BILINEAR: 1.0, Image.Resampling.BICUBIC: 2.0,
+                  Image.Resampling.BOX: 0.5, Image.Resampling.HAMMING: 1.0}
+
+
+def height_pass_first(in_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
+    """Pillow 13's order of a resize's two passes (ImagingResampleInner, python-pillow/Pillow#9549): the height
+    first when the height shrinks by more than twice what the width shrinks, else the width first (always,
+    before Pillow 13). The order changes the rounding between the passes."""
+    (in_w, in_h), (out_w, out_h) = in_size, out_size
+    return in_h > out_h and in_h - out_h > 2 * (in_w - out_w)
 
 
 def _window(in_size: int, out_size: int, index: int, resample: int) -> tuple[int, int]:
     """The input span [first, end) Pillow's precompute_coeffs gives output `index` of a full-size resize."""
     scale = in_size / out_size
-    support = _FILTER_SUPPORT[resample] * max(scale, 1.0)
+    support = FILTER_SUPPORT[resample] * max(scale, 1.0)
     center = (index + 0.5) * scale
     return max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
 
@@ -161,21 +169,17 @@ def column_strips_are_exact(size: tuple[int, int], sizes: list[tuple[int, int]],
     """Whether resizing column strips (_in_column_strips) gives the whole image's pixels, bit for bit.
 
     A strip runs each resize as Pillow's two passes, one call each: horizontal (`resize(box=...)` over its
-    columns, every row), then vertical. The whole image's resize must run them in that order too: Pillow up
-    to 12 always does; Pillow 13 goes vertically first when the height shrinks much more than the width
-    (python-pillow/Pillow#9549; measured: when it loses more than about twice as many rows as columns), so
-    a resize whose height loses 1.9x as many rows as its width loses columns, or more, takes the band path.
-    The horizontal pass centres output column x on in0 + (x + 0.5) * scale with the box's in0 passed as a
+    columns, every row), then vertical. The whole image's resize must run them in that order too
+    (height_pass_first: a resize whose height pass would go first takes the band path). The horizontal pass centres output column x on in0 + (x + 0.5) * scale with the box's in0 passed as a
     C float: a strip has the whole image's coefficients when every width scale is a short binary fraction
     (every centre, box edge and tap offset is then exact in float32 and double)."""
-    if resample not in _FILTER_SUPPORT:
+    if resample not in FILTER_SUPPORT:
         return False
     for (in_w, in_h), (out_w, out_h) in zip([size, *sizes[:-1]], sizes):
         denominator = out_w // math.gcd(in_w, out_w)  # of the width scale in_w / out_w, in lowest terms
         short = denominator & (denominator - 1) == 0 and denominator <= 2**10 and max(in_w, out_w) < 2**12  # exact
-        lost_rows, lost_columns = in_h - out_h, in_w - out_w
         both_passes = in_w != out_w and in_h != out_h
-        if not short or out_w < 8 * strips or (both_passes and lost_rows > 0 and lost_rows >= 1.9 * lost_columns):
+        if not short or out_w < 8 * strips or (both_passes and height_pass_first((in_w, in_h), (out_w, out_h))):
             return False
     return True
 
