@@ -110,15 +110,15 @@ def move_off_grid(bundle: Path, seed: int = 0) -> dict:
 
 def graph_sizes(bundle: Path, manifest: dict, precision: str) -> dict:
     """MB on disk per graph; a file two graphs share (an embedding table) counts once, for its owner."""
+    from smolvlm_edge.runtime.bundle import build_files
+
     sizes = {}
     for graph in GRAPHS:
         entry = manifest["graphs"][graph].get(precision)
         if not entry:
             sizes[graph] = None
             continue
-        extra = entry.get("external_data") or []
-        files = [entry["file"], *([extra] if isinstance(extra, str) else extra)]
-        sizes[graph] = sum((bundle / f).stat().st_size for f in files if Path(f).name.startswith(graph)) / 1e6
+        sizes[graph] = sum((bundle / f).stat().st_size for f in build_files(entry) if Path(f).name.startswith(graph)) / 1e6
     return sizes
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from smolvlm_edge.export.graph_order import subgraphs
-from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, FileSwap, open_bundle, replace_manifest, sha256_file
+from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, FileSwap, build_files, open_bundle, replace_manifest, sha256_file
 from smolvlm_edge.runtime.errors import ExportError
 
 STYLES = ("fixed", "runtime")
@@ -333,9 +333,7 @@ def _commit(root: Path, built: list[dict], staging: Path, info: dict) -> list[st
 
 def _source_files(manifest: dict, entry: dict) -> dict[str, str]:
     """sha256 of the .onnx (and external data) an entry names, as the files table records them."""
-    extra = entry.get("external_data") or []
-    rels = [entry["file"], *([extra] if isinstance(extra, str) else extra)]
-    return {rel: manifest["files"].get(rel, {}).get("sha256") for rel in rels}
+    return {rel: manifest["files"].get(rel, {}).get("sha256") for rel in build_files(entry)}
 
 
 def _is_ort_record(rel: str) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, Bundle, FileSwap, open_bundle, replace_manifest, sha256_file
+from smolvlm_edge.runtime.bundle import GRAPH_NAMES, MANIFEST, Bundle, FileSwap, build_files, open_bundle, replace_manifest, sha256_file
 from smolvlm_edge.export.ort_format import drop_stale_ort
 
 from . import QuantizeError
@@ -326,7 +326,4 @@ def _built_files(built: list[dict]) -> set[str]:
 
 
 def _entry_files(entry: dict | None) -> list[str]:
-    if not entry:
-        return []
-    extra = entry.get("external_data") or []
-    return [entry["file"], *([extra] if isinstance(extra, str) else extra)]
+    return build_files(entry) if entry else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,23 @@ class Bundle:
             )
         return self.path / entries[precision]["file"]
 
+    def files_read_with(self, picked: dict[str, str], ort: bool = False) -> list[str]:
+        """The files a runtime that loads `picked` (graph -> precision) reads, relative to the bundle: those
+        builds' graphs and external data (and their ORT-format files with `ort`), and the top-level files
+        (configs, tokenizer, chat template). Other builds' files are not among them."""
+        read = [rel for rel in self.manifest["files"] if "/" not in rel]
+        for graph, precision in picked.items():
+            entry = self.manifest["graphs"].get(graph, {}).get(precision)
+            if entry:
+                read += build_files(entry) + ([entry["ort_file"]] if ort and entry.get("ort_file") else [])
+        return list(dict.fromkeys(read))
+
+
+def build_files(entry: dict) -> list[str]:
+    """One graph build's files (a manifest "graphs" entry), relative to the bundle: the graph and its external data."""
+    extra = entry.get("external_data") or []
+    return [entry["file"], *([extra] if isinstance(extra, str) else extra)]
+
 
 def open_bundle(path: str | Path, check_files: bool = True) -> Bundle:
     """Read a bundle's manifest and, unless told not to, check every file's size and sha256."""
@@ -72,10 +90,21 @@ def open_bundle(path: str | Path, check_files: bool = True) -> Bundle:
     return bundle
 
 
-def verify_files(bundle: Bundle) -> None:
-    """Every file the manifest lists exists with the recorded size and sha256."""
-    for rel, entry in bundle.manifest["files"].items():
-        file = bundle.path / rel
+def verify_files(bundle: Bundle, only: Iterable[str] | None = None) -> None:
+    """Every file the manifest lists, or those of `only` that it lists, exists with the recorded size and sha256."""
+    check_sizes(bundle, only)
+    check_digests(bundle, only)
+
+
+def _listed(bundle: Bundle, only: Iterable[str] | None) -> list[str]:
+    listed = bundle.manifest["files"]
+    return list(listed) if only is None else [rel for rel in only if rel in listed]
+
+
+def check_sizes(bundle: Bundle, only: Iterable[str] | None = None) -> None:
+    """The listed files (or those of `only`) exist with the recorded sizes: a stat each, no reading."""
+    for rel in _listed(bundle, only):
+        file, entry = bundle.path / rel, bundle.manifest["files"][rel]
         if not file.is_file():
             raise BundleError(f"bundle {bundle.path} is missing {rel} (listed in {MANIFEST})")
         size = file.stat().st_size
@@ -83,6 +112,12 @@ def verify_files(bundle: Bundle) -> None:
             raise BundleError(
                 f"{file} is {size} bytes but {MANIFEST} says {entry['size']}: truncated or replaced"
             )
+
+
+def check_digests(bundle: Bundle, only: Iterable[str] | None = None) -> None:
+    """The listed files (or those of `only`) have the recorded sha256."""
+    for rel in _listed(bundle, only):
+        file, entry = bundle.path / rel, bundle.manifest["files"][rel]
         digest = sha256_file(file)
         if digest != entry["sha256"]:
             raise BundleError(

@@ -102,6 +102,48 @@ def test_truncated_graph(capsys, bundle_copy):
     assert_one_line_error(code, err, "embed_tokens.onnx", "truncated")
 
 
+def flip_byte(path, at: float) -> None:
+    """Change one byte at fraction `at` of the file: same size, other sha256."""
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_only_the_files_a_run_reads_are_checked(capsys, bundle_copy):
+    """Another build's files may differ from the manifest or be gone (a device may ship one build); a changed
+    byte in a file the run reads stops it with the sha256 error, whether or not onnxruntime could still load it."""
+    import onnxruntime as ort
+
+    from smolvlm_edge.runtime.bundle import replace_manifest, sha256_file
+
+    onnx_dir = bundle_copy / "onnx"
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    for graph in ("vision_encoder", "decoder_model_merged"):  # a second build of each, listed like any other
+        shutil.copy(onnx_dir / f"{graph}.onnx", onnx_dir / f"{graph}_int8.onnx")
+        manifest["graphs"][graph]["int8"] = {**manifest["graphs"][graph]["fp32"], "file": f"onnx/{graph}_int8.onnx"}
+        manifest["files"][f"onnx/{graph}_int8.onnx"] = {"sha256": sha256_file(onnx_dir / f"{graph}_int8.onnx"),
+                                                       "size": (onnx_dir / f"{graph}_int8.onnx").stat().st_size}
+    replace_manifest(bundle_copy, manifest)
+    flip_byte(onnx_dir / "vision_encoder_int8.onnx", 0.5)
+    (onnx_dir / "decoder_model_merged_int8.onnx").unlink()
+    code, out, err = run_cli(capsys, "run", "--model-dir", str(bundle_copy), "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 0 and out.strip(), err
+
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(bundle_copy), "--prompt", "hi", "--precision", "vision=int8")
+    assert_one_line_error(code, err, "vision_encoder_int8.onnx", "sha256")
+    graph = onnx_dir / "decoder_model_merged.onnx"
+    original = graph.read_bytes()
+    flip_byte(graph, 0.5)  # inside the weights: onnxruntime still loads the graph
+    ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(bundle_copy), "--prompt", "hi")
+    assert_one_line_error(code, err, "decoder_model_merged.onnx", "sha256")
+    graph.write_bytes(bytes(16) + original[16:])  # field number 0: onnxruntime cannot parse it
+    with pytest.raises(Exception, match="(?i)protobuf|pars"):
+        ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    code, _, err = run_cli(capsys, "run", "--model-dir", str(bundle_copy), "--prompt", "hi")
+    assert_one_line_error(code, err, "decoder_model_merged.onnx", "sha256")
+
+
 def test_not_a_bundle(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "--model-dir", str(tmp_path), "--prompt", "hi")
     assert_one_line_error(code, err, str(tmp_path), "manifest.json")
