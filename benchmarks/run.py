@@ -14,6 +14,8 @@ engine, after one warm-up, `--repeats` runs of: vision ms per frame (1 frame, an
 batch), time to first token for one 512x512 picture and "What is in this image?" (no tiles,
 greedy), prefill tok/s for `--prefill-tokens` ids of quantize/data/reference_text.txt, and decode
 tok/s for `--decode-tokens` greedy steps after it (EOS ignored). Median and min/max of each.
+Start ms: from launching the engine's process to the engine ready to run (interpreter, imports,
+reading the model, sessions or compilation), once per process: what an app's cold start costs.
 `--rounds N` runs the whole list of engines N times, forward then backward (a fresh process each
 time): each figure is then the median of the rounds' medians, so a machine whose speed drifts over
 minutes (this one does, by 10-20 %) weighs on every engine alike instead of on whichever ran last.
@@ -55,12 +57,13 @@ DEFAULT_PRECISIONS = ("fp32", "q4", "int8", "q4f16", "vision=int8,embed=q4,decod
 CUDA_PRECISIONS = ("fp16", "fp32", "q4f16")
 # The text-only figure to set beside llama.cpp and genai (which hold no vision encoder in memory).
 TEXT_ONLY_PRECISION = "q4"
-# The build we recommend for time to first token on an x86 CPU with VNNI: int8 vision and int8 weight-only text
-# graphs (quantize --recipe int8 --option embed.mode=weight_only --option decoder.mode=weight_only): its text
-# decoder prefills and decodes faster than q4's here (no block-bias path) at 95.2 % vs 95.4 % top-1.
+# The build we recommend for time to first token on an x86 CPU with VNNI: dynamic int8 vision, an int8 weight-only
+# table and a SmoothQuant W8A8 decoder (quantize --recipe int8 --option embed.mode=weight_only --option
+# decoder.mode=smooth): its decoder prefills ~2.7x and decodes ~1.05x as fast as q4's here (no block-bias path)
+# at the same text top-1 (95.3 %; README's benchmark).
 FIRST_TOKEN_PRECISION = "int8"
 COLUMNS = ("vision ms/frame (1 frame)", "vision ms/frame (5 frames)", "TTFT ms", "prefill tok/s",
-           "decode tok/s", "peak RSS MB", "size MB", "text top-1 vs fp32 (KL)")
+           "decode tok/s", "peak RSS MB", "size MB", "start ms", "text top-1 vs fp32 (KL)")
 
 
 # ---------------------------------------------------------------- inputs and statistics
@@ -170,13 +173,14 @@ class OrtTextEngine(OrtEngine):
     def __init__(self, bundle: Path, precision: str, threads: int, provider: str = "cpu"):
         from types import SimpleNamespace
 
-        from smolvlm_edge.runtime.bundle import open_bundle
+        from smolvlm_edge.runtime.bundle import open_bundle, verify_files
         from smolvlm_edge.runtime.embed_table import table_rows_for
         from smolvlm_edge.runtime.generate import Decoder
         from smolvlm_edge.runtime.prompt import TextProcessor
         from smolvlm_edge.runtime.providers import choose_provider, make_session
 
-        opened = open_bundle(bundle)
+        opened = open_bundle(bundle, check_files=False)
+        verify_files(opened, opened.files_read_with({g: precision for g in GRAPHS[1:]}))  # as SmolVLM checks its files
         choice = choose_provider(provider, threads)
         embed = table_rows_for(opened, precision)  # as SmolVLM does: rows read from the file, when recorded
         if embed is None:
@@ -346,12 +350,12 @@ def size_mb(args, spec: str) -> float:
     if spec.startswith(("ort:", "ort-text:")):
         from smolvlm_edge.runtime.cli import parse_precision
 
+        from smolvlm_edge.runtime.bundle import build_files
+
         chosen, files = parse_precision(spec.partition(":")[2]), set()
         graphs = GRAPHS[1:] if spec.startswith("ort-text:") else GRAPHS
         for graph in graphs:
-            entry = manifest["graphs"][graph][chosen if isinstance(chosen, str) else chosen[graph]]
-            extra = entry.get("external_data") or []
-            files.update([entry["file"], *([extra] if isinstance(extra, str) else extra)])
+            files.update(build_files(manifest["graphs"][graph][chosen if isinstance(chosen, str) else chosen[graph]]))
         return round(sum((args.bundle / f).stat().st_size for f in files) / 1e6, 1)
     if spec == "torch":
         weights = [f for f in Path(manifest["source"]["model"]).iterdir() if f.suffix in (".safetensors", ".bin")]
@@ -380,6 +384,7 @@ def child(args) -> dict:
         except ImportError:
             return {"engine": "llama.cpp", "skipped": "llama-cpp-python is not installed"}
         record["precision"] = args.llama_cpp.name
+    record["ready_at"] = time.time()  # the parent turns it into start_ms (it knows when it launched this process)
     side = min(512, int(json.loads((args.bundle / "manifest.json").read_text())["vision"]["image_size"]))
     record.update(measure(engine, args, picture(side)))
     record["peak_rss_mb"] = peak_rss_mb()
@@ -494,11 +499,16 @@ def run_child(spec: str, args, reference: Path | None = None) -> dict:
     else:
         command = [sys.executable, "-m", "benchmarks.run", "--child", spec, "--bundle", str(args.bundle),
                    "--provider", args.provider, *common]
+    launched = time.time()
     done = subprocess.run(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         return {"engine": spec, "error": f"child exited with {done.returncode}; stdout tail: {done.stdout[-500:]!r}"}
-    return json.loads(lines[-1])
+    record = json.loads(lines[-1])
+    if "ready_at" in record:  # one value per process, as a spread so that rounds merge like the other figures
+        start = round(1000 * (record.pop("ready_at") - launched), 1)
+        record["start_ms"] = {"median": start, "min": start, "max": start}
+    return record
 
 
 def child_env() -> dict:
@@ -518,7 +528,7 @@ def make_reference(args, folder: Path) -> Path | None:
     return path
 
 
-METRICS = ("vision_ms_per_frame", "ttft_ms", "prefill_tok_s", "decode_tok_s")
+METRICS = ("vision_ms_per_frame", "ttft_ms", "prefill_tok_s", "decode_tok_s", "start_ms")
 
 
 def merge_rounds(records: list[dict]) -> dict:
@@ -598,7 +608,7 @@ def markdown(records: list[dict], load: dict) -> str:
             continue
         vision = r.get("vision_ms_per_frame", {})
         cells = [vision.get("1"), vision.get("5"), r.get("ttft_ms"), r["prefill_tok_s"], r["decode_tok_s"],
-                 r["peak_rss_mb"], r["size_mb"]]
+                 r["peak_rss_mb"], r["size_mb"], r.get("start_ms")]
         q = r.get("quality") or {}
         agrees = f"{q['top1_pct']:.1f} % ({q['kl']:.4f})" if "top1_pct" in q else q.get("error", "-")
         lines.append(f"| {r['engine']} | {' | '.join(cell(c) for c in cells)} | {agrees} |")

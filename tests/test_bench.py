@@ -28,6 +28,9 @@ def test_bench_smoke(tiny_bundles, tmp_path):
         assert record["decode_tok_s"]["median"] > 0 and record["prefill_tok_s"]["median"] > 0, record
         assert record["vision_ms_per_frame"]["5"]["median"] > 0 and record["ttft_ms"]["median"] > 0, record
         assert record["peak_rss_mb"] > 0 and record["size_mb"] > 0, record
+        # launch to ready: at least the interpreter's start, at most the whole child's lifetime (not another time)
+        assert 10 < record["start_ms"]["min"] <= record["start_ms"]["median"] <= record["start_ms"]["max"] < 120_000, record
+        assert "ready_at" not in record, record
         assert record["rounds"] == 2 and record["decode_tok_s"]["min"] <= record["decode_tok_s"]["median"], record
     assert records["ort:fp32"]["precision"] == "fp32" and "onnxruntime" in records["ort:fp32"]["versions"]
     # the quality column: the fp32 build against its own reference exactly, PyTorch within the parity tolerance
@@ -35,6 +38,7 @@ def test_bench_smoke(tiny_bundles, tmp_path):
     assert records["torch"]["quality"]["top1_pct"] >= 90 and records["torch"]["quality"]["kl"] < 1e-3, records["torch"]
     table = (out / "bench.md").read_text()
     assert "| engine | vision ms/frame (1 frame) | vision ms/frame (5 frames) | TTFT ms | prefill tok/s | decode tok/s" in table
+    assert "| size MB | start ms | text top-1 vs fp32 (KL) |" in table
     assert "| 100.0 % (0.0000) |" in table and "teacher-forced over the same 16 ids" in table
     assert "ort:fp32 decode / torch decode" in table and "2 rounds (engines in alternating order)" in table
     with Image.open(out / "bench.png") as image:
@@ -80,7 +84,7 @@ def test_a_failing_quality_pass_is_reported_and_keeps_the_figures(tmp_path):
     record = {"engine": "llama.cpp", "prefill_tok_s": 1.0, "decode_tok_s": 2.0, "peak_rss_mb": 3.0, "size_mb": 4.0,
               "threads": 2, "repeats": 1, "quality": run.quality(Broken(), reference)}
     table = run.markdown([record], {"busy_processes": 0, "load_1m": 0.0})
-    assert "| llama.cpp | - | - | - | 1.0 | 2.0 | 3.0 | 4.0 | RuntimeError: context too small |" in table
+    assert "| llama.cpp | - | - | - | 1.0 | 2.0 | 3.0 | 4.0 | - | RuntimeError: context too small |" in table
 
 
 def test_peers_can_be_named(tiny_bundles):
@@ -106,13 +110,14 @@ def test_rounds_merge_into_one_record_per_engine():
         return {"engine": "ort:q4", "decode_tok_s": decode, "peak_rss_mb": rss, "size_mb": 1.0,
                 "vision_ms_per_frame": {"1": decode, "5": decode}, **extra}
 
-    rounds = [record({"median": 10.0, "min": 9.0, "max": 11.0}, 300.0),
-              record({"median": 14.0, "min": 13.0, "max": 20.0}, 310.0),
-              record({"median": 12.0, "min": 8.0, "max": 12.5}, 305.0)]
+    rounds = [record({"median": 10.0, "min": 9.0, "max": 11.0}, 300.0, start_ms={"median": 900.0, "min": 900.0, "max": 900.0}),
+              record({"median": 14.0, "min": 13.0, "max": 20.0}, 310.0, start_ms={"median": 700.0, "min": 700.0, "max": 700.0}),
+              record({"median": 12.0, "min": 8.0, "max": 12.5}, 305.0, start_ms={"median": 750.0, "min": 750.0, "max": 750.0})]
     merged = run.merge_rounds(rounds)
     assert merged["decode_tok_s"] == {"median": 12.0, "min": 8.0, "max": 20.0}
     assert merged["vision_ms_per_frame"]["5"] == merged["decode_tok_s"]
     assert merged["peak_rss_mb"] == 310.0 and merged["rounds"] == 3
+    assert merged["start_ms"] == {"median": 750.0, "min": 700.0, "max": 900.0}
     failed = {"engine": "ort:q4", "error": "child exited with 1"}
     assert run.merge_rounds([rounds[0], failed]) == failed
 

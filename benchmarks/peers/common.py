@@ -41,8 +41,10 @@ def size_mb(path: Path, pattern: str = "*") -> float:
     return round(sum(f.stat().st_size for f in files) / 1e6, 1)
 
 
-def record(engine: str, precision: str, args, packages: tuple[str, ...], figures: dict, size: float | None = None) -> dict:
-    """The child's record, in the field names of benchmarks/run.py."""
+def record(engine: str, precision: str, args, packages: tuple[str, ...], figures: dict, ready_at: float,
+           size: float | None = None) -> dict:
+    """The child's record, in the field names of benchmarks/run.py; `ready_at`: time.time() once the engine
+    was built (the parent turns it into the start figure)."""
     found = {}
     for name in packages:
         try:
@@ -50,7 +52,7 @@ def record(engine: str, precision: str, args, packages: tuple[str, ...], figures
         except metadata.PackageNotFoundError:
             pass
     return {"engine": engine, "precision": precision, "threads": args.threads, "repeats": args.repeats,
-            "prefill_tokens": args.prefill_tokens, "decode_tokens": args.decode_tokens, "versions": found,
+            "prefill_tokens": args.prefill_tokens, "decode_tokens": args.decode_tokens, "versions": found, "ready_at": ready_at,
             **figures, "peak_rss_mb": peak_rss_mb(), "size_mb": size_mb(args.model) if size is None else size}
 
 

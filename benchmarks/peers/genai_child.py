@@ -47,9 +47,10 @@ class GenaiEngine:
 def main() -> None:
     args = parse(__doc__)
     engine = GenaiEngine(args.model, args.threads)
+    ready_at = time.time()
     precision = args.model.name.rsplit("-", 1)[-1]  # out/peers/genai-int4
     emit(record(f"genai:{precision}", precision, args, ("onnxruntime-genai", "onnxruntime"), text_figures(engine, args),
-                size=size_mb(args.model, "*.onnx*")), engine, args)
+                ready_at, size=size_mb(args.model, "*.onnx*")), engine, args)
 
 
 if __name__ == "__main__":

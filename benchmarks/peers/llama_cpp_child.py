@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import time
+
 from benchmarks.peers.common import emit, parse, record, text_figures
 from benchmarks.run import LlamaCppEngine
 
@@ -11,7 +13,9 @@ from benchmarks.run import LlamaCppEngine
 def main() -> None:
     args = parse(__doc__)
     engine = LlamaCppEngine(args.model, args.threads)
-    emit(record("llama.cpp", args.model.name, args, ("llama_cpp_python", "numpy"), text_figures(engine, args)), engine, args)
+    ready_at = time.time()
+    emit(record("llama.cpp", args.model.name, args, ("llama_cpp_python", "numpy"), text_figures(engine, args), ready_at),
+         engine, args)
 
 
 if __name__ == "__main__":

@@ -57,12 +57,13 @@ class OpenVinoEngine:
 def main() -> None:
     args = parse(__doc__)
     engine = OpenVinoEngine(args.model, args.threads)
+    ready_at = time.time()
     image = picture(512)
     figures = {"ttft_ms": spread([1000 * t for t in repeated(lambda: engine.ttft(image), args.repeats)]),
                **text_figures(engine, args)}
     precision = args.model.name.rsplit("-", 1)[-1]
     rec = record(f"openvino:{precision}", precision, args, ("openvino", "optimum-intel", "transformers"), figures,
-                 size=size_mb(args.model, "openvino_*_model.*"))
+                 ready_at, size=size_mb(args.model, "openvino_*_model.*"))
     # the CPU plugin computes in bf16 where the CPU has it, unless told INFERENCE_PRECISION_HINT=f32
     rec["inference_precision"] = engine.lm.request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT").to_string()
     emit(rec, engine, args)
