@@ -173,23 +173,23 @@ class OrtTextEngine(OrtEngine):
     def __init__(self, bundle: Path, precision: str, threads: int, provider: str = "cpu"):
         from types import SimpleNamespace
 
-        from smolvlm_edge.runtime.bundle import open_bundle, verify_files
+        from smolvlm_edge.runtime.bundle import checked_while_loading, open_bundle
         from smolvlm_edge.runtime.embed_table import table_rows_for
         from smolvlm_edge.runtime.generate import Decoder
         from smolvlm_edge.runtime.prompt import TextProcessor
         from smolvlm_edge.runtime.providers import choose_provider, make_session
 
         opened = open_bundle(bundle, check_files=False)
-        verify_files(opened, opened.files_read_with({g: precision for g in GRAPHS[1:]}))  # as SmolVLM checks its files
         choice = choose_provider(provider, threads)
-        embed = table_rows_for(opened, precision)  # as SmolVLM does: rows read from the file, when recorded
-        if embed is None:
-            session = make_session(opened.graph_file("embed_tokens", precision), choice, threads,
-                                   hands_over=True)  # as SmolVLM opens it
-            embed = lambda ids: session.run(["inputs_embeds"], {"input_ids": ids})[0]  # noqa: E731
-        decoder = make_session(opened.graph_file("decoder_model_merged", precision), choice, threads)
-        self.vlm = SimpleNamespace(decoder=Decoder(decoder, opened.text), text=TextProcessor.from_dir(bundle),
-                                   embed=embed)
+        with checked_while_loading(opened, opened.files_read_with({g: precision for g in GRAPHS[1:]})):  # as SmolVLM
+            embed = table_rows_for(opened, precision)  # as SmolVLM does: rows read from the file, when recorded
+            if embed is None:
+                session = make_session(opened.graph_file("embed_tokens", precision), choice, threads,
+                                       hands_over=True)  # as SmolVLM opens it
+                embed = lambda ids: session.run(["inputs_embeds"], {"input_ids": ids})[0]  # noqa: E731
+            decoder = make_session(opened.graph_file("decoder_model_merged", precision), choice, threads)
+            self.vlm = SimpleNamespace(decoder=Decoder(decoder, opened.text), text=TextProcessor.from_dir(bundle),
+                                       embed=embed)
         self.encode = self.vlm.text.encode
 
 

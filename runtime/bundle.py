@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +125,24 @@ def check_digests(bundle: Bundle, only: Iterable[str] | None = None) -> None:
             raise BundleError(
                 f"{file} has sha256 {digest[:16]}… but {MANIFEST} says {entry['sha256'][:16]}…: the file was changed"
             )
+
+
+@contextmanager
+def checked_while_loading(bundle: Bundle, files: Iterable[str]) -> Iterator[None]:
+    """Check `files` (relative, as the manifest lists them) around the block that loads them: their sizes
+    first (a stat each: a missing or truncated file stops it before anything loads), their sha256 in a
+    thread beside the block (hashlib lets go of the GIL; sessions read the same files). A mismatch raises
+    when the block ends, and explains a load that failed on a changed file."""
+    files = list(files)
+    check_sizes(bundle, files)
+    with ThreadPoolExecutor(1) as pool:
+        digests = pool.submit(check_digests, bundle, files)
+        try:
+            yield
+        except Exception:
+            digests.result()
+            raise
+        digests.result()
 
 
 def default_file_mode(path: Path) -> None:

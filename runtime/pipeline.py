@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from .bundle import GRAPH_NAMES, check_digests, check_sizes, open_bundle
+from .bundle import GRAPH_NAMES, checked_while_loading, open_bundle
 from .embed_table import table_rows_for
 from .errors import PromptError, ProviderError
 from .generate import Decoder, Timings, generate_tokens
@@ -90,17 +89,8 @@ class SmolVLM:
         self.graph_files = self._graph_files(picked, prefer_ort)
         # Only the files this instance reads: hashing every build's (1.4 GB for the demo bundle's four) took 1.1 s.
         files = self.bundle.files_read_with(picked, ort=prefer_ort) if check_files else []
-        check_sizes(self.bundle, files)  # a stat each: a missing or truncated file stops us before anything loads
-        # Their sha256 runs beside the sessions' set-up (which reads the same files; hashlib lets go of the GIL);
-        # a mismatch raises before this returns, and explains a load that failed on a changed file.
-        with ThreadPoolExecutor(1) as pool:
-            digests = pool.submit(check_digests, self.bundle, files)
-            try:
-                self._load(picked, provider, threads, provider_options, fallback, qnn_fallback, qnn_context)
-            except Exception:
-                digests.result()
-                raise
-            digests.result()
+        with checked_while_loading(self.bundle, files):
+            self._load(picked, provider, threads, provider_options, fallback, qnn_fallback, qnn_context)
 
     def _load(self, picked: dict[str, str], provider: str, threads, provider_options, fallback,
               qnn_fallback: bool, qnn_context: int) -> None:
