@@ -15,7 +15,8 @@ batch), time to first token for one 512x512 picture and "What is in this image?"
 greedy), prefill tok/s for `--prefill-tokens` ids of quantize/data/reference_text.txt, and decode
 tok/s for `--decode-tokens` greedy steps after it (EOS ignored). Median and min/max of each.
 Start ms: from launching the engine's process to the engine ready to run (interpreter, imports,
-reading the model, sessions or compilation), once per process: what an app's cold start costs.
+reading the model, sessions or compilation), once per process: what an app's start costs (with the
+model's files in the page cache, as a second launch finds them).
 `--rounds N` runs the whole list of engines N times, forward then backward (a fresh process each
 time): each figure is then the median of the rounds' medians, so a machine whose speed drifts over
 minutes (this one does, by 10-20 %) weighs on every engine alike instead of on whichever ran last.
