@@ -349,9 +349,8 @@ def size_mb(args, spec: str) -> float:
     """MB on disk: the three graphs at that precision (each file once), the checkpoint's weights, or the GGUF."""
     manifest = json.loads((args.bundle / "manifest.json").read_text())
     if spec.startswith(("ort:", "ort-text:")):
-        from smolvlm_edge.runtime.cli import parse_precision
-
         from smolvlm_edge.runtime.bundle import build_files
+        from smolvlm_edge.runtime.cli import parse_precision
 
         chosen, files = parse_precision(spec.partition(":")[2]), set()
         graphs = GRAPHS[1:] if spec.startswith("ort-text:") else GRAPHS
