@@ -87,7 +87,7 @@ class SmolVLM:
         default = precision if isinstance(precision, str) else "fp32"
         picked = {name: precisions.get(name, default) for name in GRAPH_NAMES}
         self.graph_files = self._graph_files(picked, prefer_ort)
-        # Only the files this instance reads: hashing every build's (1.4 GB for the demo bundle's four) took 1.1 s.
+        # Only the files this instance reads: hashing every build's (1.4 GB for the demo bundle's fp32, q4 and int8) took 1.1 s.
         files = self.bundle.files_read_with(picked, ort=prefer_ort) if check_files else []
         with checked_while_loading(self.bundle, files):
             self._load(picked, provider, threads, provider_options, fallback, qnn_fallback, qnn_context)
