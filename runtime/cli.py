@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--ort-style", choices=("fixed", "runtime"), default="fixed",
                     help="ORT optimization style: fixed (default) or runtime")
 
+    ve = sub.add_parser("verify", help="check every file a bundle's manifest lists (size and sha256), all builds",
+                        description="Check that every file manifest.json lists exists with its recorded size and "
+                                    "sha256, for every build (run and SmolVLM check only the files they read).")
+    ve.add_argument("--bundle", required=True, help="exported bundle folder")
+
     sub.add_parser("providers", help="list the execution providers this onnxruntime build offers")
     return parser
 
@@ -278,6 +283,8 @@ def _main(args) -> int:
             return run_mobile_command(args)
         elif args.command == "convert-ort":
             return run_convert_ort_command(args)
+        elif args.command == "verify":
+            run_verify_command(args)
         elif args.command == "demo":
             _require_export_extra()
             from smolvlm_edge.export.demo import run_demo
@@ -438,6 +445,18 @@ def try_mobile_model(model, bundle_dir, image, prompt, args, options, out) -> No
         ids = mobile.run_mobile_model(session, rgb, np.array([text.encode(prompt_text)], dtype=np.int64))
     print(f"{model.name} on {', '.join(session.get_providers())}: {text.decode(ids)!r}", file=out)
     print(f"generated_ids: {ids}", file=out)
+
+
+def run_verify_command(args, out=None) -> None:
+    """Every listed file of the bundle against its manifest (open_bundle's full check); one line when all match."""
+    from .bundle import MANIFEST, open_bundle
+
+    bundle = open_bundle(args.bundle)
+    files = bundle.manifest["files"]
+    builds = sorted({precision for entries in bundle.manifest["graphs"].values() for precision in entries})
+    size = sum(entry.get("size", 0) for entry in files.values())
+    print(f"{bundle.path}: {len(files)} files ({size / 1e6:.1f} MB; builds {', '.join(builds)}) match {MANIFEST}",
+          file=out or sys.stdout)
 
 
 def run_convert_ort_command(args) -> int:

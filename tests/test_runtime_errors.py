@@ -111,7 +111,8 @@ def flip_byte(path, at: float) -> None:
 
 def test_only_the_files_a_run_reads_are_checked(capsys, bundle_copy):
     """Another build's files may differ from the manifest or be gone (a device may ship one build); a changed
-    byte in a file the run reads stops it with the sha256 error, whether or not onnxruntime could still load it."""
+    byte in a file the run reads stops it with the sha256 error, whether or not onnxruntime could still load it.
+    `verify` checks every build."""
     import onnxruntime as ort
 
     from smolvlm_edge.runtime.bundle import replace_manifest, sha256_file
@@ -124,10 +125,14 @@ def test_only_the_files_a_run_reads_are_checked(capsys, bundle_copy):
         manifest["files"][f"onnx/{graph}_int8.onnx"] = {"sha256": sha256_file(onnx_dir / f"{graph}_int8.onnx"),
                                                        "size": (onnx_dir / f"{graph}_int8.onnx").stat().st_size}
     replace_manifest(bundle_copy, manifest)
+    code, out, err = run_cli(capsys, "verify", "--bundle", str(bundle_copy))
+    assert code == 0 and f"{len(manifest['files'])} files" in out and "builds fp32, int8) match manifest.json" in out, err
     flip_byte(onnx_dir / "vision_encoder_int8.onnx", 0.5)
     (onnx_dir / "decoder_model_merged_int8.onnx").unlink()
     code, out, err = run_cli(capsys, "run", "--model-dir", str(bundle_copy), "--prompt", "hi", "--max-new-tokens", "2")
     assert code == 0 and out.strip(), err
+    code, _, err = run_cli(capsys, "verify", "--bundle", str(bundle_copy))
+    assert_one_line_error(code, err, "decoder_model_merged_int8.onnx", "missing")
 
     code, _, err = run_cli(capsys, "run", "--model-dir", str(bundle_copy), "--prompt", "hi", "--precision", "vision=int8")
     assert_one_line_error(code, err, "vision_encoder_int8.onnx", "sha256")
