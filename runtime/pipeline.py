@@ -80,8 +80,9 @@ class SmolVLM:
         `provider_options`: that provider's options (runtime/providers.py).
         `prefer_ort`: load the ORT-format file recorded for a graph (`smolvlm-edge convert-ort`) instead
         of its .onnx; graphs without one load their .onnx, with a warning.
-        `check_files`: first check the size and sha256 of every file this instance reads (the chosen builds'
-        graphs and weights, configs, tokenizer) against the manifest; other builds' files are not read."""
+        `check_files`: check every file this instance reads (the chosen builds' graphs and weights, configs,
+        tokenizer) against the manifest: sizes before loading, sha256 beside the load, both before this returns;
+        other builds' files are not read."""
         self.bundle = open_bundle(model_dir, check_files=False)
         precisions = precision if isinstance(precision, dict) else {}
         default = precision if isinstance(precision, str) else "fp32"
