@@ -54,14 +54,21 @@ class Bundle:
         return self.path / entries[precision]["file"]
 
     def files_read_with(self, picked: dict[str, str], ort: bool = False) -> list[str]:
-        """The files a runtime that loads `picked` (graph -> precision) reads, relative to the bundle: those
-        builds' graphs and external data (and their ORT-format files with `ort`), and the top-level files
-        (configs, tokenizer, chat template). Other builds' files are not among them."""
+        """The files a runtime that loads `picked` (graph -> precision) reads, relative to the bundle: the
+        top-level files (configs, tokenizer, chat template) and per graph its build's graph and external data,
+        or with `ort` its ORT-format file where it has one (which holds the weights), or for an embedding whose
+        build recorded `table_rows` the file the runtime reads those rows from (no session). Other builds'
+        files are not among them."""
         read = [rel for rel in self.manifest["files"] if "/" not in rel]
         for graph, precision in picked.items():
             entry = self.manifest["graphs"].get(graph, {}).get(precision)
-            if entry:
-                read += build_files(entry) + ([entry["ort_file"]] if ort and entry.get("ort_file") else [])
+            rows = (entry.get("info") or {}).get("table_rows") if entry and graph == "embed_tokens" else None
+            if rows:
+                read.append(rows["file"])
+            elif entry and ort and entry.get("ort_file"):
+                read.append(entry["ort_file"])
+            elif entry:
+                read += build_files(entry)
         return list(dict.fromkeys(read))
 
 

@@ -149,6 +149,29 @@ def test_only_the_files_a_run_reads_are_checked(capsys, bundle_copy):
     assert_one_line_error(code, err, "decoder_model_merged.onnx", "sha256")
 
 
+def test_the_files_a_load_reads():
+    """Per graph: its build's graph and external data; with ort, its .ort file where it has one; for an embedding
+    read as table rows, the rows' file only; always the top-level files; never another build's."""
+    from smolvlm_edge.runtime.bundle import Bundle
+
+    rows = {"file": "onnx/decoder_model_merged_q4.onnx_data", "vocab_size": 8}
+    manifest = {"files": {name: {} for name in ("config.json", "tokenizer.json", "onnx/x")}, "graphs": {
+        "vision_encoder": {"fp32": {"file": "onnx/vision_encoder.onnx", "external_data": None},
+                           "q4": {"file": "onnx/vision_encoder_q4.onnx", "external_data": "onnx/vision_encoder_q4.onnx_data",
+                                  "ort_file": "onnx/vision_encoder_q4.ort"}},
+        "embed_tokens": {"q4": {"file": "onnx/embed_tokens_q4.onnx", "external_data": rows["file"],
+                                "ort_file": "onnx/embed_tokens_q4.ort", "info": {"table_rows": rows}}},
+        "decoder_model_merged": {"q4": {"file": "onnx/decoder_model_merged_q4.onnx", "external_data": [rows["file"]]}}}}
+    bundle = Bundle(None, manifest)
+    picked = {"vision_encoder": "q4", "embed_tokens": "q4", "decoder_model_merged": "q4"}
+    assert bundle.files_read_with(picked) == [
+        "config.json", "tokenizer.json", "onnx/vision_encoder_q4.onnx", "onnx/vision_encoder_q4.onnx_data",
+        rows["file"], "onnx/decoder_model_merged_q4.onnx"]
+    assert bundle.files_read_with(picked, ort=True) == [  # the decoder has no .ort: its .onnx is read
+        "config.json", "tokenizer.json", "onnx/vision_encoder_q4.ort", rows["file"], "onnx/decoder_model_merged_q4.onnx"]
+    assert bundle.files_read_with({**picked, "vision_encoder": "fp32"})[2] == "onnx/vision_encoder.onnx"
+
+
 def test_not_a_bundle(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "--model-dir", str(tmp_path), "--prompt", "hi")
     assert_one_line_error(code, err, str(tmp_path), "manifest.json")
