@@ -170,9 +170,10 @@ def column_strips_are_exact(size: tuple[int, int], sizes: list[tuple[int, int]],
 
     A strip runs each resize as Pillow's two passes, one call each: horizontal (`resize(box=...)` over its
     columns, every row), then vertical. The whole image's resize must run them in that order too
-    (height_pass_first: a resize whose height pass would go first takes the band path). The horizontal pass centres output column x on in0 + (x + 0.5) * scale with the box's in0 passed as a
-    C float: a strip has the whole image's coefficients when every width scale is a short binary fraction
-    (every centre, box edge and tap offset is then exact in float32 and double)."""
+    (height_pass_first: a resize whose height pass would go first takes the band path). The horizontal
+    pass centres output column x on in0 + (x + 0.5) * scale with the box's in0 passed as a C float: a
+    strip has the whole image's coefficients when every width scale is a short binary fraction (every
+    centre, box edge and tap offset is then exact in float32 and double)."""
     if resample not in FILTER_SUPPORT:
         return False
     for (in_w, in_h), (out_w, out_h) in zip([size, *sizes[:-1]], sizes):
